@@ -1,0 +1,127 @@
+"""Model configuration for the Llama / Qwen2 / Qwen3 decoder family."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3 style frequency-dependent RoPE scaling ("llama3" rope_type).
+
+  Wavelengths longer than original_max_position / low_freq_factor are divided
+  by `factor`, shorter than original_max_position / high_freq_factor are kept,
+  and the band in between is interpolated smoothly.
+  """
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.factor <= 0:
+      raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
+    if self.high_freq_factor <= self.low_freq_factor:
+      raise ValueError(
+          "RopeScaling.high_freq_factor must exceed low_freq_factor, got "
+          f"{self.high_freq_factor} <= {self.low_freq_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a decoder-only transformer.
+
+  Covers Llama 3.x (rope scaling "llama3"), Qwen2/2.5 (bias on q/k/v) and
+  Qwen3 (RMSNorm on q and k per head, explicit head_dim). Grouped-query
+  attention when num_kv_heads < num_heads (MQA when 1).
+  """
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  intermediate_size: int
+  head_dim: Optional[int] = None  # None -> hidden_size // num_heads
+  family: str = "llama"
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[RopeScaling] = None
+  tie_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2 family: bias on the q, k and v projections.
+  qk_norm: bool = False   # Qwen3 family: RMSNorm over head_dim of q and k.
+  max_position_embeddings: int = 4096
+  dtype: str = "float32"        # compute dtype of activations and matmuls
+  param_dtype: str = "float32"  # storage dtype of the parameters
+  remat: str = "none"           # rematerialisation policy of each layer
+  attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation
+  scan_layers: bool = True      # lax.scan over stacked layers (fast compile)
+
+  def __post_init__(self):
+    def _check(cond, msg):
+      if not cond:
+        raise ValueError(f"ModelConfig: {msg}")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                 "num_kv_heads", "intermediate_size"):
+      value = getattr(self, name)
+      _check(isinstance(value, int) and value > 0,
+             f"{name} must be a positive int, got {value!r}")
+    _check(self.family in FAMILIES,
+           f"family={self.family!r} is not supported; choose one of {FAMILIES}")
+    _check(self.num_heads % self.num_kv_heads == 0,
+           f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+           f"({self.num_kv_heads})")
+    if self.head_dim is None:
+      _check(self.hidden_size % self.num_heads == 0,
+             f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+             f"({self.num_heads}) when head_dim is not given")
+    else:
+      _check(self.head_dim > 0, f"head_dim must be > 0, got {self.head_dim}")
+    _check(self.resolved_head_dim % 2 == 0,
+           f"head_dim must be even for rotary embeddings, got {self.resolved_head_dim}")
+    _check(self.dtype in DTYPES, f"dtype={self.dtype!r}; choose one of {tuple(DTYPES)}")
+    _check(self.param_dtype in DTYPES,
+           f"param_dtype={self.param_dtype!r}; choose one of {tuple(DTYPES)}")
+    _check(self.remat in REMAT_POLICIES,
+           f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+    _check(self.attention_impl in ATTENTION_IMPLS,
+           f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    _check(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+    _check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weights_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Parameter count (embeddings included, counted once when tied)."""
+    d, h, f = self.hidden_size, self.resolved_head_dim, self.intermediate_size
+    n, k = self.num_heads, self.num_kv_heads
+    attn = d * n * h + 2 * d * k * h + n * h * d
+    if self.qkv_bias:
+      attn += (n + 2 * k) * h
+    if self.qk_norm:
+      attn += 2 * h
+    per_layer = attn + 3 * d * f + 2 * d
+    embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + embed + d

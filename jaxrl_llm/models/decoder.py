@@ -1,0 +1,380 @@
+"""A pure-functional decoder-only transformer (Llama / Qwen2 / Qwen3 family).
+
+Parameters are a nested dict of arrays; layers are stacked along a leading
+`layers` axis and run with `lax.scan` (fast compiles, one layer's activations
+live at a time). The KV cache is a dict pytree passed in and returned.
+
+Shape letters:
+  B batch, T query time, S key/cache time, L layers, D hidden size,
+  N query heads, K key/value heads, H head dim, F MLP hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.sharding import constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------------------
+# Parameters: shapes and logical axes in one table.
+# ---------------------------------------------------------------------------
+def param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+  """Every parameter's (shape, logical axis names), keyed by 'a/b' path.
+
+  Sharding maps the logical names to mesh axes (see `jaxrl_llm.sharding`).
+  """
+  L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+  table = {
+      "embed": ((V, D), ("vocab", "embed")),
+      "layers/attn_norm": ((L, D), ("layers", "norm")),
+      "layers/q": ((L, D, N, H), ("layers", "embed", "heads", "head_dim")),
+      "layers/k": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+      "layers/v": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+      "layers/o": ((L, N, H, D), ("layers", "heads", "head_dim", "embed")),
+      "layers/mlp_norm": ((L, D), ("layers", "norm")),
+      "layers/gate": ((L, D, F), ("layers", "embed", "mlp")),
+      "layers/up": ((L, D, F), ("layers", "embed", "mlp")),
+      "layers/down": ((L, F, D), ("layers", "mlp", "embed")),
+      "final_norm": ((D,), ("norm",)),
+  }
+  if cfg.qkv_bias:
+    table["layers/q_bias"] = ((L, N, H), ("layers", "heads", "head_dim"))
+    table["layers/k_bias"] = ((L, K, H), ("layers", "kv_heads", "head_dim"))
+    table["layers/v_bias"] = ((L, K, H), ("layers", "kv_heads", "head_dim"))
+  if cfg.qk_norm:
+    table["layers/q_norm"] = ((L, H), ("layers", "norm"))
+    table["layers/k_norm"] = ((L, H), ("layers", "norm"))
+  if not cfg.tie_embeddings:
+    table["lm_head"] = ((D, V), ("embed", "vocab"))
+  return table
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+  """The params pytree with each leaf replaced by its logical axis names."""
+  return _unflatten({k: axes for k, (_, axes) in param_table(cfg).items()})
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+  """The params pytree as `jax.ShapeDtypeStruct`s (no memory)."""
+  dt = cfg.weights_dtype
+  return _unflatten({k: jax.ShapeDtypeStruct(s, dt) for k, (s, _) in param_table(cfg).items()})
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Random parameters: normal(0, 0.02) weights, ones for norms, zeros for biases."""
+  table = param_table(cfg)
+  keys = jax.random.split(rng, len(table))
+  flat = {}
+  for key, (path, (shape, _)) in zip(keys, sorted(table.items())):
+    name = path.split("/")[-1]
+    if "norm" in name:
+      value = jnp.ones(shape, cfg.weights_dtype)
+    elif "bias" in name:
+      value = jnp.zeros(shape, cfg.weights_dtype)
+    else:
+      value = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(cfg.weights_dtype)
+    flat[path] = value
+  return _unflatten(flat)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks.
+# ---------------------------------------------------------------------------
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """y = x / sqrt(mean(x²) + eps) * weight, statistics in float32."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies θ^(-2i/H), with Llama-3 scaling when configured."""
+  H = cfg.resolved_head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  rs = cfg.rope_scaling
+  if rs is None:
+    return inv_freq
+  low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+  high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+  wavelen = 2 * jnp.pi / inv_freq
+  smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+      rs.high_freq_factor - rs.low_freq_factor)
+  interpolated = (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq
+  return jnp.where(wavelen > low_wavelen, inv_freq / rs.factor,
+                   jnp.where(wavelen < high_wavelen, inv_freq, interpolated))
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, half-split layout: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BTh)[:, :, None, :]
+  sin = jnp.sin(angles_BTh)[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+  """Position of each token inside its segment (restarts at every new segment).
+
+  Left padding (segment 0 then 1) gives the prompt's first real token
+  position 0; packed rows restart at each segment boundary.
+  """
+  T = segment_ids_BT.shape[1]
+  t = jnp.arange(T, dtype=jnp.int32)[None, :]
+  prev = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  starts = jnp.where(segment_ids_BT != prev, t, 0)
+  return t - jax.lax.cummax(starts, axis=1)
+
+
+def _attention_impl(cfg: ModelConfig) -> Optional[str]:
+  if cfg.attention_impl != "auto":
+    return cfg.attention_impl
+  # cuDNN's fused kernel needs half precision; everything else takes XLA's.
+  if jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16"):
+    return "cudnn"
+  return "xla"
+
+
+def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+  """Grouped-query softmax attention through `jax.nn.dot_product_attention`."""
+  out = jax.nn.dot_product_attention(
+      q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None, :, :],
+      implementation=_attention_impl(cfg))
+  return out
+
+
+def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, kv_fn):
+  """One pre-norm block: x + attn(norm(x)); x + mlp(norm(x)).
+
+  `kv_fn(k_BTKH, v_BTKH) -> (k_BSKH, v_BSKH, mask_BTS, aux)` supplies the keys
+  the queries attend to (the same tokens, or a KV cache) and the mask.
+  """
+  dt = cfg.compute_dtype
+  h = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
+  q = jnp.einsum("BTD,DNH->BTNH", h, lp["q"].astype(dt))
+  k = jnp.einsum("BTD,DKH->BTKH", h, lp["k"].astype(dt))
+  v = jnp.einsum("BTD,DKH->BTKH", h, lp["v"].astype(dt))
+  if cfg.qkv_bias:
+    q = q + lp["q_bias"].astype(dt)
+    k = k + lp["k_bias"].astype(dt)
+    v = v + lp["v_bias"].astype(dt)
+  if cfg.qk_norm:
+    q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+    k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+  q = apply_rope(q, positions_BT, inv_freq)
+  k = apply_rope(k, positions_BT, inv_freq)
+  q = constrain(q, ("act_batch", "act_len", "act_heads", None))
+  k_all, v_all, mask_BTS, aux = kv_fn(k, v)
+  attn_BTNH = attention(cfg, q, k_all, v_all, mask_BTS)
+  x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, lp["o"].astype(dt))
+  x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
+
+  h = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
+  gate = jnp.einsum("BTD,DF->BTF", h, lp["gate"].astype(dt))
+  up = jnp.einsum("BTD,DF->BTF", h, lp["up"].astype(dt))
+  act = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+  x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", act, lp["down"].astype(dt))
+  x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
+  return x_BTD, aux
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _maybe_remat(cfg: ModelConfig, fn):
+  if cfg.remat == "none":
+    return fn
+  return jax.checkpoint(fn, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def _scan_layers(cfg: ModelConfig, body, carry, layer_params):
+  """lax.scan over the stacked layer axis, or an unrolled Python loop."""
+  if cfg.scan_layers:
+    return jax.lax.scan(body, carry, layer_params)
+  outs = []
+  for i in range(cfg.num_layers):
+    carry, out = body(carry, jax.tree.map(lambda p, i=i: p[i], layer_params))
+    outs.append(out)
+  stacked = None if outs[0] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  return carry, stacked
+
+
+# ---------------------------------------------------------------------------
+# Forward passes.
+# ---------------------------------------------------------------------------
+def embed(cfg: ModelConfig, params: Params, tokens_BT: jax.Array) -> jax.Array:
+  x = jnp.take(params["embed"], tokens_BT, axis=0).astype(cfg.compute_dtype)
+  return constrain(x, ("act_batch", "act_len", "act_embed"))
+
+
+def unembed(cfg: ModelConfig, params: Params, h_BTD: jax.Array) -> jax.Array:
+  """Logits from final hidden states (in the compute dtype)."""
+  dt = cfg.compute_dtype
+  if cfg.tie_embeddings:
+    return jnp.einsum("BTD,VD->BTV", h_BTD, params["embed"].astype(dt))
+  return jnp.einsum("BTD,DV->BTV", h_BTD, params["lm_head"].astype(dt))
+
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
+                  positions_BT: Optional[jax.Array] = None,
+                  segment_ids_BT: Optional[jax.Array] = None) -> jax.Array:
+  """Final-norm hidden states [B, T, D] of a full (uncached) forward.
+
+  segment_ids_BT: 0 marks padding, equal positive ids mark one sequence; a
+    token attends to earlier tokens of its own segment (left padding and
+    packing). None means one unpadded sequence per row.
+  positions_BT: rotary positions; by default the index inside the segment.
+  """
+  B, T = tokens_BT.shape
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones((B, T), jnp.int32)
+  if positions_BT is None:
+    positions_BT = positions_from_segments(segment_ids_BT)
+  causal_TS = jnp.tril(jnp.ones((T, T), bool))
+  same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  mask_BTS = causal_TS[None] & same_BTS & (segment_ids_BT[:, None, :] != 0)
+  inv_freq = rope_inv_freq(cfg)
+
+  def kv_fn(k, v):
+    return k, v, mask_BTS, None
+
+  def body(x, lp):
+    x, _ = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn)
+    return x, None
+
+  x, _ = _scan_layers(cfg, _maybe_remat(cfg, body), embed(cfg, params, tokens_BT),
+                      params["layers"])
+  return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
+            positions_BT: Optional[jax.Array] = None,
+            segment_ids_BT: Optional[jax.Array] = None) -> jax.Array:
+  """Logits [B, T, V] of a full forward pass (see `hidden_states`)."""
+  h = hidden_states(cfg, params, tokens_BT, positions_BT=positions_BT,
+                    segment_ids_BT=segment_ids_BT)
+  return unembed(cfg, params, h)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int,
+               dtype: Optional[str] = None) -> Cache:
+  """An empty KV cache: k/v [L, B, S, K, H], per-slot validity, write index."""
+  dt = jnp.dtype(dtype) if dtype is not None else cfg.compute_dtype
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+  return {
+      "k": jnp.zeros(shape, dt),
+      "v": jnp.zeros(shape, dt),
+      "valid": jnp.zeros((batch_size, max_len), bool),  # [B, S]
+      "index": jnp.zeros((), jnp.int32),  # next slot to write
+  }
+
+
+def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
+                       positions_BT: jax.Array, valid_BT: jax.Array,
+                       cache: Cache, *, return_hidden: bool = False
+                       ) -> tuple[jax.Array, Cache]:
+  """Run T new tokens against the cache; returns logits [B, T, V] and the cache.
+
+  With return_hidden=True the first output is the final-norm hidden states
+  [B, T, D] instead (e.g. to unembed only the last prefill position).
+
+  The new keys/values are written at slots [index, index + T) for every row
+  (left-padded batches stay aligned); `valid_BT` marks real tokens, so pad
+  slots are never attended. A query at slot index + i attends valid slots
+  <= index + i.
+  """
+  B, T = tokens_BT.shape
+  S = cache["k"].shape[2]
+  index = cache["index"]
+  valid_BS = jax.lax.dynamic_update_slice(cache["valid"], valid_BT.astype(bool), (0, index))
+  slot_S = jnp.arange(S)
+  query_slot_T = index + jnp.arange(T)
+  mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_T[None, :, None])
+  inv_freq = rope_inv_freq(cfg)
+  kv_dtype = cache["k"].dtype
+
+  def body(carry, lp):
+    x, k_cache, v_cache, layer = carry
+
+    def kv_fn(k, v):
+      zero = jnp.zeros((), jnp.int32)
+      start = (layer, zero, index, zero, zero)
+      kc = jax.lax.dynamic_update_slice(k_cache, k.astype(kv_dtype)[None], start)
+      vc = jax.lax.dynamic_update_slice(v_cache, v.astype(kv_dtype)[None], start)
+      k_l = kc[layer].astype(cfg.compute_dtype)
+      v_l = vc[layer].astype(cfg.compute_dtype)
+      return k_l, v_l, mask_BTS, (kc, vc)
+
+    x, (k_cache, v_cache) = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn)
+    return (x, k_cache, v_cache, layer + 1), None
+
+  carry = (embed(cfg, params, tokens_BT), cache["k"], cache["v"], jnp.zeros((), jnp.int32))
+  (x, k_cache, v_cache, _), _ = _scan_layers(cfg, body, carry, params["layers"])
+  h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  new_cache = {"k": k_cache, "v": v_cache, "valid": valid_BS, "index": index + T}
+  return (h if return_hidden else unembed(cfg, params, h)), new_cache
+
+
+@functools.partial(jax.named_call, name="token_logprobs")
+def token_logprobs(cfg: ModelConfig, params: Params, h_BTD: jax.Array,
+                   targets_BT: jax.Array, *, temperature: float = 1.0,
+                   chunk_size: int = 512, with_entropy: bool = False):
+  """log π(target_t | context) from hidden states, in chunks over time.
+
+  Logits are formed chunk by chunk (`chunk_size` positions at a time), so a
+  float32 [B, T, V] tensor never exists; log-softmax is in float32 because
+  bf16 log-probs lose the small differences that importance ratios need.
+  Returns logps_BT (and entropy_BT of the tempered distribution if asked).
+  """
+  B, T, D = h_BTD.shape
+  c = min(chunk_size, T)
+  pad = (-T) % c
+  h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+  tgt = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+  n = (T + pad) // c
+  h_nBcD = h.reshape(B, n, c, D).swapaxes(0, 1)
+  tgt_nBc = tgt.reshape(B, n, c).swapaxes(0, 1)
+
+  def one_chunk(_, xs):
+    h_c, t_c = xs
+    logits = unembed(cfg, params, h_c).astype(jnp.float32) / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0] - logz
+    if with_entropy:
+      probs = jax.nn.softmax(logits, axis=-1)
+      ent = logz - jnp.sum(probs * logits, axis=-1)
+      return None, (logp, ent)
+    return None, (logp, jnp.zeros_like(logp))
+
+  one_chunk = jax.checkpoint(one_chunk)  # recompute chunk logits in backward
+  _, (logp, ent) = jax.lax.scan(one_chunk, None, (h_nBcD, tgt_nBc))
+  logp = logp.swapaxes(0, 1).reshape(B, n * c)[:, :T]
+  ent = ent.swapaxes(0, 1).reshape(B, n * c)[:, :T]
+  return (logp, ent) if with_entropy else logp

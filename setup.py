@@ -1,0 +1,49 @@
+"""Packaging for jaxrl_llm.
+
+The default install is backend-agnostic (plain `jax`, which runs on CPU);
+pick an accelerator with the `gpu` or `tpu` extra.
+"""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "tensorflow-datasets>=4.9.7",
+    "sentencepiece>=0.2",
+    "chex>=0.1.88",
+    "absl-py>=2.1",
+    "ml_collections>=0.1.1",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+]
+
+EXTRAS = {
+    # torch is pinned to a CPU build used only by the HF parity tests: an
+    # unpinned torch pulls a multi-GB CUDA build.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.51", "torch==2.13.0",
+             "tokenizers>=0.20", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+             "matplotlib>=3.8"],
+    "hf": ["tokenizers>=0.20", "jinja2>=3.1"],
+    "notebooks": ["matplotlib>=3.8", "ipykernel>=6.29"],
+    "gpu": ["jax[cuda12]>=0.6"],
+    "tpu": ["jax[tpu]>=0.6"],
+    "dev": ["ruff>=0.6"],
+}
+
+setuptools.setup(
+    name="jaxrl_llm",
+    version="0.1.0",
+    description="Post-training language models with RL and preference optimization, "
+                "rollout to update in one jitted step.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["jaxrl_llm", "jaxrl_llm.*"]),
+    package_data={"jaxrl_llm": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)

@@ -1,0 +1,134 @@
+"""Decoder invariants: cached == full forward, packing, causality, remat, log-probs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_llm import testing
+from jaxrl_llm.models import (ModelConfig, forward, forward_with_cache, hidden_states,
+                              init_cache, param_logical_axes, param_shapes, token_logprobs)
+from jaxrl_llm.models.decoder import positions_from_segments
+
+
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+def model(request):
+  cfg = testing.tiny_config(request.param)
+  return cfg, testing.tiny_params(cfg)
+
+
+def test_param_table_matches_init(model):
+  cfg, params = model
+  shapes = param_shapes(cfg)
+  axes = param_logical_axes(cfg)
+  assert jax.tree.structure(shapes) == jax.tree.structure(params)
+  for s, p, a in zip(jax.tree.leaves(shapes), jax.tree.leaves(params),
+                     jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+    assert s.shape == p.shape and len(a) == p.ndim
+  assert sum(p.size for p in jax.tree.leaves(params)) == cfg.num_params()
+
+
+def test_causal(model):
+  cfg, params = model
+  toks = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+  changed = toks.at[:, 6:].set((toks[:, 6:] + 1) % cfg.vocab_size)
+  a, b = forward(cfg, params, toks), forward(cfg, params, changed)
+  np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-6)
+  assert not np.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_cached_prefill_and_decode_equal_full_forward(model):
+  cfg, params = model
+  T = 9
+  toks = jax.random.randint(jax.random.key(2), (2, T), 0, cfg.vocab_size)
+  full = forward(cfg, params, toks)
+  cache = init_cache(cfg, 2, 16)
+  pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+  valid = jnp.ones((2, T), bool)
+  logits, cache = forward_with_cache(cfg, params, toks[:, :5], pos[:, :5], valid[:, :5], cache)
+  outs = [logits]
+  for t in range(5, T):
+    logits, cache = forward_with_cache(cfg, params, toks[:, t:t + 1], pos[:, t:t + 1],
+                                       valid[:, t:t + 1], cache)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+  assert int(cache["index"]) == T
+
+
+def test_left_padding_equals_unpadded(model):
+  cfg, params = model
+  toks = jax.random.randint(jax.random.key(3), (1, 6), 1, cfg.vocab_size)
+  ref = forward(cfg, params, toks)
+  padded = jnp.concatenate([jnp.zeros((1, 3), toks.dtype), toks], axis=1)
+  seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+  out = forward(cfg, params, padded, segment_ids_BT=seg)
+  np.testing.assert_allclose(out[:, 3:], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_equals_separate(model):
+  cfg, params = model
+  a = jax.random.randint(jax.random.key(4), (1, 4), 1, cfg.vocab_size)
+  b = jax.random.randint(jax.random.key(5), (1, 5), 1, cfg.vocab_size)
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 2), a.dtype)], axis=1)
+  seg = jnp.array([[1] * 4 + [2] * 5 + [0] * 2])
+  out = forward(cfg, params, packed, segment_ids_BT=seg)
+  np.testing.assert_allclose(out[:, :4], forward(cfg, params, a), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(out[:, 4:9], forward(cfg, params, b), atol=1e-5, rtol=1e-5)
+
+
+def test_positions_from_segments():
+  seg = jnp.array([[0, 0, 1, 1, 1], [1, 1, 2, 2, 0]])
+  np.testing.assert_array_equal(positions_from_segments(seg), [[0, 1, 0, 1, 2], [0, 1, 0, 1, 0]])
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_and_unrolled_layers_same_grads(remat):
+  cfg = testing.tiny_config("llama")
+  params = testing.tiny_params(cfg)
+  toks = jax.random.randint(jax.random.key(6), (2, 8), 0, cfg.vocab_size)
+
+  def loss(p, c):
+    return jnp.mean(jax.nn.log_softmax(forward(c, p, toks))[..., 0])
+
+  ref = jax.grad(loss)(params, cfg)
+  for variant in (cfg.replace(remat=remat), cfg.replace(scan_layers=False)):
+    g = jax.grad(loss)(params, variant)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), ref, g)
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 64])
+def test_chunked_token_logprobs_equal_full_log_softmax(chunk):
+  cfg = testing.tiny_config("qwen2", tie_embeddings=True)
+  params = testing.tiny_params(cfg)
+  toks = jax.random.randint(jax.random.key(7), (2, 10), 0, cfg.vocab_size)
+  h = hidden_states(cfg, params, toks[:, :-1])
+  logp, ent = token_logprobs(cfg, params, h, toks[:, 1:], chunk_size=chunk,
+                             temperature=0.7, with_entropy=True)
+  full = jax.nn.log_softmax(forward(cfg, params, toks[:, :-1]) / 0.7)
+  ref = jnp.take_along_axis(full, toks[:, 1:, None], axis=-1)[..., 0]
+  np.testing.assert_allclose(logp, ref, atol=1e-5)
+  np.testing.assert_allclose(ent, -jnp.sum(jnp.exp(full) * full, -1), atol=1e-5)
+
+
+def test_bf16_compute_close_to_fp32():
+  cfg = testing.tiny_config("llama")
+  params = testing.tiny_params(cfg)
+  toks = jax.random.randint(jax.random.key(8), (2, 8), 0, cfg.vocab_size)
+  ref = forward(cfg, params, toks)
+  out = forward(cfg.replace(dtype="bfloat16"), params, toks)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(num_heads=3), "multiple of num_kv_heads"),
+    (dict(family="gpt2"), "family"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(remat="sometimes"), "remat"),
+    (dict(vocab_size=0), "vocab_size"),
+])
+def test_config_errors(bad, msg):
+  base = dict(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=2,
+              intermediate_size=16)
+  base.update(bad)
+  with pytest.raises(ValueError, match=msg):
+    ModelConfig(**base)
