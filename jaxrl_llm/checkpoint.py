@@ -1,0 +1,379 @@
+"""Checkpoints (orbax) and preemption handling.
+
+This is the only module that imports orbax: its API moves between versions,
+so everything else goes through ``Checkpointer``.
+
+A checkpoint of step ``s`` lives in ``<workdir>/checkpoints/<s>/`` with two
+items:
+
+  state/   the training state: any pytree of ``jax.Array`` (sharded or not),
+           written by every process for the shards it owns;
+  extra/   a JSON object for what is not an array: data-iterator position,
+           an rng as a list of ints, a config snapshot, ...
+
+Atomicity. Orbax writes a step into ``<s>.orbax-checkpoint-tmp*`` and renames
+it to ``<s>`` only after every process has finished writing (object stores
+use a ``commit_success.txt`` marker instead). A save that dies half-way
+(SIGKILL, node loss) therefore leaves only a temporary directory, which
+``latest_step``/``restore`` never report and which the next ``Checkpointer``
+on that directory deletes.
+
+Asynchronous saves. With ``async_save=True`` ``save`` returns once the arrays
+have been copied to host memory; the write runs in a background thread. The
+state passed to ``save`` may be donated to the next step right away. Call
+``wait()`` (or ``close()``) before the process exits.
+
+Preemption. ``PreemptionGuard`` turns SIGTERM (and optionally SIGINT) into a
+flag that all processes agree on. At a safe point of the loop (between steps):
+
+  with Checkpointer(workdir, cfg) as ckpt, PreemptionGuard() as guard:
+    for step in range(start, total):
+      state, metrics = train_step(state, batch, rng)
+      ckpt.save(step, state, extra=extra_fn(step))
+      if guard.should_stop(step):
+        ckpt.save(step, state, extra=extra_fn(step), force=True)
+        ckpt.wait()
+        break  # exit cleanly; the scheduler restarts the job, which resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+_STATE = "state"
+_EXTRA = "extra"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When and how checkpoints are written.
+
+  Attributes:
+    save_interval_steps: save when ``step % save_interval_steps == 0``
+      (``save(..., force=True)`` saves regardless).
+    max_to_keep: number of most recent checkpoints kept; None keeps all.
+    async_save: write in a background thread so training continues while
+      the checkpoint is written.
+  """
+
+  save_interval_steps: int = 500
+  max_to_keep: int | None = 3
+  async_save: bool = True
+
+  def __post_init__(self):
+    if (not isinstance(self.save_interval_steps, int)
+        or self.save_interval_steps < 1):
+      raise ValueError(
+          "CheckpointConfig.save_interval_steps="
+          f"{self.save_interval_steps!r} must be an int >= 1.")
+    if self.max_to_keep is not None and (
+        not isinstance(self.max_to_keep, int) or self.max_to_keep < 1):
+      raise ValueError(
+          f"CheckpointConfig.max_to_keep={self.max_to_keep!r} must be None "
+          "(keep all) or an int >= 1.")
+    if not isinstance(self.async_save, bool):
+      raise ValueError(
+          f"CheckpointConfig.async_save={self.async_save!r} must be True or "
+          "False.")
+
+
+def _abstract_leaf(path, leaf) -> jax.ShapeDtypeStruct:
+  """A restore target for one leaf: shape, dtype and the target sharding."""
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    if leaf.sharding is None:
+      raise ValueError(
+          f"restore target {jax.tree_util.keystr(path)} has no sharding; give "
+          "every jax.ShapeDtypeStruct a sharding (e.g. a NamedSharding over "
+          "the current mesh) so it can be restored onto that mesh.")
+    return leaf
+  raise ValueError(
+      f"restore target {jax.tree_util.keystr(path)} is a "
+      f"{type(leaf).__name__}; expected jax.ShapeDtypeStruct (with sharding) "
+      "or jax.Array.")
+
+
+class Checkpointer:
+  """Saves and restores ``(state, extra)`` under ``<workdir>/checkpoints``.
+
+  Every process of a multi-host job constructs one and calls every method in
+  the same order (saves and restores are collective).
+
+  Args:
+    workdir: run directory (local path or any path orbax supports, e.g.
+      ``gs://...``).
+    cfg: checkpoint settings.
+    create: create the checkpoint directory if missing. With False, a missing
+      directory raises ``FileNotFoundError`` (useful for evaluation jobs that
+      must not start from scratch by accident).
+  """
+
+  def __init__(self, workdir: str | epath.PathLike,
+               cfg: CheckpointConfig | None = None, *, create: bool = True):
+    if workdir is None or not str(workdir):
+      raise ValueError(f"Checkpointer workdir={workdir!r} must be a non-empty "
+                       "path.")
+    self.cfg = cfg or CheckpointConfig()
+    self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    if not create and not self.directory.exists():
+      raise FileNotFoundError(
+          f"Checkpoint directory {self.directory} does not exist (create="
+          "False).")
+    save_policy = ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(
+            self.cfg.save_interval_steps),
+        # Saves at JAX's preemption sync point when the distributed runtime's
+        # preemption service is on.
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=save_policy,
+        preservation_policy=ocp.checkpoint_managers.LatestN(
+            n=self.cfg.max_to_keep),
+        enable_async_checkpointing=self.cfg.async_save,
+        # Remove the temporary directories of saves that never finished.
+        cleanup_tmp_directories=True,
+        create=create,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    """Steps of all checkpoints, ascending.
+
+    Includes saves started by this object that are still being written in
+    the background (``wait()`` makes them final); never includes
+    unfinished checkpoints left by other or killed processes.
+    """
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest checkpoint's step (see ``all_steps``), or None."""
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    """Whether ``save(step, ...)`` without force would write a checkpoint."""
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state: Any, *,
+           extra: Mapping[str, Any] | None = None,
+           force: bool = False) -> bool:
+    """Saves ``state`` and ``extra`` as step ``step`` if the policy says so.
+
+    Args:
+      step: training step; checkpoints are written when
+        ``step % save_interval_steps == 0`` or at a preemption sync point.
+      state: pytree of arrays (sharded ``jax.Array``s are written shard by
+        shard by the processes that own them).
+      extra: JSON-serialisable mapping saved next to the state.
+      force: save regardless of the interval (e.g. on preemption or at the
+        end of training). A step that already has a checkpoint is never
+        overwritten.
+
+    Returns:
+      True if a save was started.
+    """
+    extra = dict(extra or {})
+    try:
+      json.dumps(extra)
+    except (TypeError, ValueError) as e:
+      raise ValueError(
+          f"Checkpointer.save extra must be JSON-serialisable: {e}") from e
+    if force and step in self._manager.all_steps():
+      logging.info("Checkpoint for step %d already exists; not saving again.",
+                   step)
+      return False
+    saved = self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(state),
+            _EXTRA: ocp.args.JsonSave(extra),
+        }),
+        force=force)
+    if saved:
+      logging.info("Saving checkpoint for step %d to %s.", step,
+                   self.directory)
+    return saved
+
+  def restore(self, abstract_state: Any, step: int | None = None
+              ) -> tuple[Any, dict[str, Any]] | None:
+    """Restores ``(state, extra)``, resharded to ``abstract_state``'s shardings.
+
+    Args:
+      abstract_state: pytree with the structure of the saved state whose
+        leaves are ``jax.ShapeDtypeStruct`` with a sharding (or ``jax.Array``,
+        whose shape, dtype and sharding are used). Each array is read
+        directly into that sharding, on whatever mesh it names; it does not
+        have to match the mesh the checkpoint was saved from.
+      step: step to restore; None means the latest.
+
+    Returns:
+      ``(state, extra)``, or None when ``step`` is None and no finished
+      checkpoint exists (a fresh run).
+
+    Raises:
+      FileNotFoundError: ``step`` was given and has no finished checkpoint.
+      ValueError: a leaf of ``abstract_state`` has no sharding.
+    """
+    # A background save of the requested step must land before reading it.
+    self.wait()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        return None
+    elif step not in self._manager.all_steps():
+      raise FileNotFoundError(
+          f"No finished checkpoint for step {step} in {self.directory}; "
+          f"available steps: {self.all_steps()}.")
+    target = jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_state)
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(target),
+            _EXTRA: ocp.args.JsonRestore(),
+        }))
+    logging.info("Restored checkpoint for step %d from %s.", step,
+                 self.directory)
+    return restored[_STATE], dict(restored[_EXTRA] or {})
+
+  def wait(self) -> None:
+    """Blocks until every started save is finished and visible."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def _reached_preemption_sync_point(step: int) -> bool:
+  """JAX's distributed preemption notice (False without the service)."""
+  try:
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+  except RuntimeError:
+    # Raised when jax.distributed runs with the preemption service disabled.
+    return False
+
+
+class PreemptionGuard:
+  """Turns termination signals into a stop decision shared by all processes.
+
+  The signal handler only sets a flag; nothing is saved inside it. The loop
+  asks ``should_stop(step)`` at a safe point (between steps) and then saves
+  with ``force=True``, waits and exits (see the module docstring).
+
+  Multi-host agreement: the scheduler may signal only some processes, yet a
+  save is collective, so every process must take the same decision at the
+  same step. ``should_stop`` all-gathers the local flags (a tiny collective)
+  every ``sync_every_steps`` steps and stops if any process was signalled;
+  it also honours JAX's own preemption sync point
+  (``multihost_utils.reached_preemption_sync_point``). Every process must
+  therefore call ``should_stop`` with the same sequence of steps. With one
+  process no communication happens. (``jax.distributed``'s preemption
+  service listens for SIGTERM too; installing this guard takes the signal
+  over on this process, and the all-gather keeps the processes in step.)
+
+  Args:
+    signals: signals that request a stop; by default SIGTERM (what
+      Kubernetes, SLURM and TPU maintenance send before killing a job).
+    catch_sigint: also treat the first Ctrl-C (SIGINT) as a stop request; a
+      second Ctrl-C interrupts immediately as usual.
+    sync_every_steps: how often (in steps) multi-host runs all-gather the
+      flag.
+
+  Handlers are installed by ``install()`` (or entering the context manager),
+  which must run in the main thread, and restored by ``uninstall()``.
+  """
+
+  def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), *,
+               catch_sigint: bool = False, sync_every_steps: int = 1):
+    if sync_every_steps < 1:
+      raise ValueError(
+          f"PreemptionGuard sync_every_steps={sync_every_steps!r} must be "
+          ">= 1.")
+    self._signals = tuple(signals)
+    if catch_sigint and signal.SIGINT not in self._signals:
+      self._signals += (signal.SIGINT,)
+    self.sync_every_steps = sync_every_steps
+    self._flag = threading.Event()
+    self._stopped = False
+    self._previous: dict[int, Any] = {}
+
+  @property
+  def stop_requested(self) -> bool:
+    """Whether this process received a stop request (not yet agreed on)."""
+    return self._flag.is_set()
+
+  def request_stop(self) -> None:
+    """Requests a stop from code (e.g. a wall-clock budget), like a signal."""
+    self._flag.set()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if not self._flag.is_set():
+      logging.warning("Received signal %d: will checkpoint and stop at the "
+                      "next safe point.", signum)
+    self._flag.set()
+    if signum == signal.SIGINT and signum in self._previous:
+      # A second Ctrl-C gets the usual KeyboardInterrupt.
+      signal.signal(signum, self._previous.pop(signum))
+
+  def install(self) -> PreemptionGuard:
+    """Installs the signal handlers (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+      raise RuntimeError(
+          "PreemptionGuard.install must be called from the main thread.")
+    for signum in self._signals:
+      if signum not in self._previous:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def uninstall(self) -> None:
+    """Restores the handlers that were active before ``install``."""
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous.clear()
+
+  def should_stop(self, step: int) -> bool:
+    """Whether all processes should checkpoint and stop after ``step``.
+
+    Collective on multi-host runs: call on every process with the same
+    steps. Once True it stays True.
+    """
+    if self._stopped:
+      return True
+    stop = _reached_preemption_sync_point(step)
+    if jax.process_count() == 1:
+      stop = stop or self._flag.is_set()
+    elif step % self.sync_every_steps == 0:
+      flags = multihost_utils.process_allgather(
+          np.asarray(self._flag.is_set(), np.int32))
+      stop = stop or bool(np.any(flags))
+    if stop:
+      logging.warning("Stopping at step %d: preemption or stop request.", step)
+      self._stopped = True
+    return stop
+
+  def __enter__(self) -> PreemptionGuard:
+    return self.install()
+
+  def __exit__(self, *exc_info) -> None:
+    self.uninstall()

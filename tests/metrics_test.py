@@ -1,0 +1,261 @@
+"""Tests for jaxrl_llm.metrics: writers, progress, async fetch, NaN guards."""
+
+import builtins
+import io
+import json
+import math
+import pathlib
+import struct
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxrl_llm import metrics as metrics_lib
+
+
+def _read_tensorboard_scalars(logdir: pathlib.Path) -> dict:
+  """{tag: [(step, value), ...]} from TFRecord event files."""
+  try:
+    from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+    events = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+      events += list(event_file_loader.EventFileLoader(str(path)).Load())
+  except ImportError:
+    # Without tensorboard, parse the TFRecord framing directly: u64 length,
+    # masked crc32c(length), payload, masked crc32c(payload).
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+    events = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+      data = path.read_bytes()
+      pos = 0
+      while pos < len(data):
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+        assert header_crc == masked_crc32c(header)
+        payload = data[pos + 12:pos + 12 + length]
+        (payload_crc,) = struct.unpack(
+            "<I", data[pos + 12 + length:pos + 16 + length])
+        assert payload_crc == masked_crc32c(payload)
+        events.append(event_pb2.Event.FromString(payload))
+        pos += 16 + length
+  scalars = {}
+  for event in events:
+    for value in event.summary.value:
+      if value.HasField("simple_value"):
+        scalars.setdefault(value.tag, []).append(
+            (event.step, value.simple_value))
+      else:  # tensorboard's loader turns scalars into tensors.
+        scalars.setdefault(value.tag, []).append(
+            (event.step, float(value.tensor.float_val[0])))
+  return scalars
+
+
+def test_writer_jsonl_and_tensorboard(tmp_path):
+  with metrics_lib.MetricWriter(tmp_path, is_primary=True) as writer:
+    writer.write(1, {"loss/policy": 0.5, "rl/reward_mean": jnp.float32(0.25)})
+    writer.write(2, {"loss/policy": np.float64(0.125), "grad/global_norm": 3})
+    writer.write(3, {"loss/policy": float("nan")})
+    writer.flush()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  rows = [json.loads(line) for line in lines]
+  assert rows[0] == {"step": 1, "loss/policy": 0.5, "rl/reward_mean": 0.25}
+  assert rows[1] == {"step": 2, "loss/policy": 0.125, "grad/global_norm": 3.0}
+  assert rows[2]["step"] == 3 and math.isnan(rows[2]["loss/policy"])
+
+  scalars = _read_tensorboard_scalars(tmp_path / "tensorboard")
+  assert scalars["loss/policy"][:2] == [(1, 0.5), (2, 0.125)]
+  assert scalars["rl/reward_mean"] == [(1, 0.25)]
+  assert scalars["grad/global_norm"] == [(2, 3.0)]
+
+
+def test_writer_appends_across_restarts(tmp_path):
+  with metrics_lib.MetricWriter(tmp_path, tensorboard=False,
+                                is_primary=True) as writer:
+    writer.write(1, {"a": 1.0})
+  with metrics_lib.MetricWriter(tmp_path, tensorboard=False,
+                                is_primary=True) as writer:
+    writer.write(2, {"a": 2.0})
+  steps = [json.loads(line)["step"]
+           for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2]
+  assert not (tmp_path / "tensorboard").exists()
+
+
+def test_non_primary_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  with metrics_lib.MetricWriter(workdir, is_primary=False) as writer:
+    writer.write(1, {"loss/policy": 1.0})
+    writer.flush()
+  assert not workdir.exists()
+
+
+def test_writer_rejects_bad_metrics(tmp_path):
+  with metrics_lib.MetricWriter(tmp_path, tensorboard=False,
+                                is_primary=True) as writer:
+    with pytest.raises(ValueError, match="reserved"):
+      writer.write(1, {"step": 1.0})
+    with pytest.raises(ValueError, match=r"'loss/vec'.*scalars"):
+      writer.write(1, {"loss/vec": np.zeros(3)})
+
+
+def test_wandb_missing_gives_clear_error(tmp_path, monkeypatch):
+  real_import = builtins.__import__
+
+  def no_wandb(name, *args, **kwargs):
+    if name == "wandb":
+      raise ImportError("No module named 'wandb'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_wandb)
+  with pytest.raises(ImportError, match="pip install wandb"):
+    metrics_lib.MetricWriter(tmp_path, jsonl=False, tensorboard=False,
+                             wandb_project="proj", is_primary=True)
+
+
+def test_async_metrics_returns_previous_step():
+  pending = metrics_lib.AsyncMetrics()
+  assert pending.flush() is None
+  assert pending.push(0, {"loss": jnp.float32(1.0)}) is None
+  step, host = pending.push(1, {"loss": jnp.float32(2.0)})
+  assert step == 0 and host == {"loss": 1.0}
+  assert isinstance(host["loss"], float)
+  step, host = pending.push(2, {"loss": jnp.float32(3.0)})
+  assert step == 1 and host == {"loss": 2.0}
+  assert pending.flush() == (2, {"loss": 3.0})
+  assert pending.flush() is None
+
+
+def test_async_metrics_with_sharded_replicated_values():
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  rep = NamedSharding(mesh, P())
+  x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P(("data", "fsdp"))))
+  out = jax.jit(lambda v: {"m/sum": v.sum()}, out_shardings=rep)(x)
+  pending = metrics_lib.AsyncMetrics()
+  pending.push(5, out)
+  assert pending.flush() == (5, {"m/sum": 28.0})
+
+
+def test_nonfinite_guard_stop():
+  guard = metrics_lib.NonFiniteGuard("stop")
+  assert guard.check({"loss/policy": 1.0, "grad/global_norm": 2.0}, step=3)
+  with pytest.raises(metrics_lib.NonFiniteError,
+                     match=r"step 7.*grad/global_norm=inf.*loss/policy=nan"):
+    guard.check({"loss/policy": float("nan"), "grad/global_norm": math.inf,
+                 "ok": 0.0}, step=7)
+
+
+def test_nonfinite_guard_skip_counts_and_limits():
+  guard = metrics_lib.NonFiniteGuard("skip", max_consecutive=2)
+  assert not guard.check({"loss": float("nan")}, step=1)
+  assert not guard.check({"loss": float("-inf")}, step=2)
+  assert guard.check({"loss": 0.5}, step=3)
+  assert guard.consecutive == 0
+  assert not guard.check({"loss": float("nan")}, step=4)
+  assert not guard.check({"loss": float("nan")}, step=5)
+  assert guard.num_nonfinite == 4
+  with pytest.raises(metrics_lib.NonFiniteError, match="3 steps in a row"):
+    guard.check({"loss": float("nan")}, step=6)
+
+
+def test_nonfinite_guard_invalid_policy():
+  with pytest.raises(ValueError, match=r"policy='ignore'.*\('skip', 'stop'\)"):
+    metrics_lib.NonFiniteGuard("ignore")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_apply_if_finite(jit):
+  old = {"params": {"w": jnp.ones((2, 3))}, "step": jnp.int32(4),
+         "rng": jax.random.key(0)}
+  new = {"params": {"w": jnp.full((2, 3), 2.0)}, "step": jnp.int32(5),
+         "rng": jax.random.key(1)}
+  fn = jax.jit(metrics_lib.apply_if_finite) if jit else (
+      metrics_lib.apply_if_finite)
+
+  good = {"w": jnp.ones((2, 3)), "b": jnp.zeros((3,), jnp.bfloat16)}
+  state, ok = fn(new, old, good)
+  assert bool(ok)
+  chex.assert_trees_all_equal(state["params"], new["params"])
+  assert int(state["step"]) == 5
+
+  bad = {"w": jnp.ones((2, 3)).at[1, 2].set(jnp.inf),
+         "b": jnp.zeros((3,), jnp.bfloat16)}
+  state, ok = fn(new, old, bad)
+  assert not bool(ok)
+  chex.assert_trees_all_equal(state["params"], old["params"])
+  assert int(state["step"]) == 4
+  np.testing.assert_array_equal(jax.random.key_data(state["rng"]),
+                                jax.random.key_data(old["rng"]))
+
+  _, ok = fn(new, old, jnp.float32(jnp.nan))
+  assert not bool(ok)
+
+
+class _FakeClock:
+
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_progress_log_lines_when_not_a_tty():
+  clock, lines = _FakeClock(), []
+  progress = metrics_lib.Progress(100, stream=io.StringIO(), clock=clock,
+                                  log_every_seconds=10.0, log_fn=lines.append,
+                                  is_primary=True)
+  assert not progress.is_tty
+  progress.update(1, tokens=1000)  # Baseline (includes compilation).
+  clock.now += 5.0
+  progress.update(11, tokens=5000)
+  assert not lines  # Less than log_every_seconds since the last report.
+  clock.now += 5.0
+  progress.update(21, tokens=5000, metrics={"loss/total": 0.25})
+  # 20 steps and 10000 tokens in 10 s.
+  assert progress.steps_per_sec == pytest.approx(2.0)
+  assert progress.tokens_per_sec == pytest.approx(1000.0)
+  assert lines == [
+      "step 21/100 | 2.00 steps/s | 1.0k tokens/s | ETA 0:39 | "
+      "loss/total=0.25"]
+  clock.now += 1.0
+  progress.update(100, tokens=0)  # The last step is always reported.
+  assert len(lines) == 2 and lines[1].startswith("step 100/100")
+  progress.close()
+
+
+class _TTY(io.StringIO):
+
+  def isatty(self):
+    return True
+
+
+def test_progress_bar_on_a_tty():
+  clock, stream = _FakeClock(), _TTY()
+  progress = metrics_lib.Progress(10, stream=stream, clock=clock,
+                                  is_primary=True)
+  progress.update(0, tokens=10)
+  clock.now += 1.0
+  progress.update(5, tokens=100)
+  out = stream.getvalue()
+  assert out.startswith("\r") and "\n" not in out
+  assert "[###############---------------]" in out
+  assert "5.00 steps/s" in out and "100.0 tokens/s" in out
+  progress.close()
+  assert stream.getvalue().endswith("\n")
+
+
+def test_progress_non_primary_is_silent():
+  clock, lines = _FakeClock(), []
+  progress = metrics_lib.Progress(2, clock=clock, log_fn=lines.append,
+                                  stream=io.StringIO(), is_primary=False)
+  progress.update(1)
+  clock.now += 100
+  progress.update(2)
+  assert not lines
