@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "safetensors>=0.4",
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    "sympy>=1.12",  # host-side math answer equivalence
 ]
 
 EXTRAS = {

@@ -90,9 +90,11 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
   """A mesh with axes ("data", "fsdp", "tensor") over all (or the given) devices."""
   devices = list(devices) if devices is not None else jax.devices()
   shape = resolve_mesh_shape(cfg.shape, len(devices))
+  # Auto axes: XLA's sharding propagation, steered by `constrain` hints.
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if devices == jax.devices():
-    return jax.make_mesh(shape, MESH_AXES, devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(names: Sequence[Optional[str]], rules, mesh: Optional[Mesh] = None,
@@ -103,7 +105,7 @@ def logical_to_spec(names: Sequence[Optional[str]], rules, mesh: Optional[Mesh] 
   mesh axis that does not divide the dimension is dropped (that dimension is
   replicated over it) instead of failing, e.g. 2 kv heads on tensor=4.
   """
-  rule_map = dict(rules)
+  rule_map = {k: _as_axes(v) for k, v in rules}
   used: set[str] = set()
   spec = []
   for i, name in enumerate(names):

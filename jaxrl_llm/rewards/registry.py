@@ -1,0 +1,126 @@
+"""Reward components by name, built for a tokenizer and a task.
+
+A config names weighted components, e.g. (("correct", 1.0), ("format", 0.1));
+`build_reward_fn` turns them into one in-graph function
+`fn(RewardInputs) -> (total_B, {name: value_B})` for the RL step.
+
+Components:
+  correct    exact match of the answer tokens, ended by EOS (in-graph)
+  format     the answer uses only digits and '-', ended by EOS (in-graph)
+  countdown  the expression uses the given numbers and hits the target
+             (host verifier through jax.pure_callback)
+  math       math answer equivalence (host, sympy / math-verify, with timeouts)
+
+Batch keys the components read (see `jaxrl_llm.data.pipeline`):
+answer_tokens / answer_mask (answer + EOS, right-padded), prompt_id.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_llm.rewards import verifiers
+from jaxrl_llm.rewards.base import RewardInputs, compose
+
+COMPONENTS = ("correct", "format", "countdown", "math")
+
+
+def _answer_inputs(inputs: RewardInputs, eos_id: int) -> RewardInputs:
+  """Map the data pipeline's answer arrays onto the verifiers' keys (EOS dropped)."""
+  answer = inputs.task_array("answer_tokens")
+  mask = (inputs.task_array("answer_mask") != 0) & (answer != eos_id)
+  task = dict(inputs.task, answer_BA=answer, answer_mask_BA=mask)
+  return inputs._replace(task=task)
+
+
+def correct_reward(inputs: RewardInputs, *, eos_id: int):
+  return verifiers.exact_match(_answer_inputs(inputs, eos_id), eos_id=eos_id)
+
+
+def _host_text_reward(score: Callable[[str, dict], float], tokenizer, examples: Sequence[dict],
+                      timeout_s: float):
+  """An in-graph reward that decodes completions on the host and scores them."""
+  from jaxrl_llm.rewards.host import HostReward
+
+  def fn(prompt_text, completion_text, example):
+    return score(completion_text, example)
+
+  host = HostReward(fn, tokenizer.decode, timeout_s=timeout_s)
+  host.set_examples(list(examples))
+
+  def reward(inputs: RewardInputs):
+    ids = inputs.task_array("prompt_id")
+    return host.in_graph(inputs._replace(task=dict(inputs.task, example_index_B=ids)))
+  return reward
+
+
+def build_reward_fn(components: Sequence[tuple[str, float]], tokenizer, *,
+                    examples: Optional[Sequence[dict]] = None, host_timeout_s: float = 5.0):
+  """One composed in-graph reward function from named, weighted components.
+
+  `examples` (the training split, indexed by `prompt_id`) is needed by the
+  host components, which look up each completion's reference there.
+  """
+  eos = tokenizer.eos_id
+  parts = {}
+  for name, weight in components:
+    if name == "correct":
+      fn = functools.partial(correct_reward, eos_id=eos)
+    elif name == "format":
+      allowed = sorted({i for ch in "0123456789-" for i in tokenizer.encode(ch)})
+      fn = functools.partial(verifiers.format_reward, allowed_ids=allowed, eos_id=eos)
+    elif name in ("countdown", "math"):
+      if examples is None:
+        raise ValueError(f"reward component {name!r} runs on the host and needs the "
+                         "training examples (indexed by prompt_id)")
+      if name == "countdown":
+        from jaxrl_llm.data import tasks
+        score = lambda text, ex: float(tasks.countdown_correct(ex["numbers"], ex["target"],
+                                                               text.strip()))
+      else:
+        from jaxrl_llm.rewards import host
+        score = lambda text, ex: float(host.math_equal(host.extract_answer(text),
+                                                       str(ex["answer"])))
+      fn = _host_text_reward(score, tokenizer, examples, host_timeout_s)
+    else:
+      raise ValueError(f"unknown reward component {name!r}; choose from {COMPONENTS}")
+    parts[name] = (fn, float(weight))
+  if not parts:
+    raise ValueError(f"reward.components is empty; name at least one of {COMPONENTS}")
+  return compose(parts)
+
+
+def host_scorer(components: Sequence[tuple[str, float]], tokenizer, examples: Sequence[dict]):
+  """Split-mode rewards: a NumPy function over a fetched rollout dict."""
+  from jaxrl_llm.data import tasks
+  from jaxrl_llm.rewards import host
+
+  def score(ro) -> tuple[np.ndarray, dict]:
+    texts = tokenizer.decode_batch([
+        [int(t) for t, m in zip(row, mask) if m] for row, mask in
+        zip(np.asarray(ro["completion"]), np.asarray(ro["completion_mask"]))])
+    finished = np.asarray(ro["finished"])
+    ids = np.asarray(ro["prompt_id"])
+    parts = {}
+    for name, _ in components:
+      vals = []
+      for text, fin, i in zip(texts, finished, ids):
+        ex = examples[int(i)]
+        if name in ("correct", "format"):
+          ok = fin and (tasks.is_correct(ex, text) if name == "correct"
+                        else bool(text.strip()) and all(c in "0123456789-" for c in text.strip()))
+        elif name == "countdown":
+          ok = tasks.countdown_correct(ex["numbers"], ex["target"], text.strip())
+        elif name == "math":
+          ok = host.math_equal(host.extract_answer(text), str(ex["answer"]))
+        else:
+          raise ValueError(f"unknown reward component {name!r}; choose from {COMPONENTS}")
+        vals.append(float(ok))
+      parts[name] = np.asarray(vals, np.float32)
+    total = sum(w * parts[n] for n, w in components)
+    return np.asarray(total, np.float32), parts
+  return score

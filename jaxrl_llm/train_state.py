@@ -1,0 +1,127 @@
+"""The train state pytree and its sharded creation.
+
+`TrainState` holds only arrays (step, params, optimizer state, small extra
+tables such as HAPO's per-prompt history); the optimizer transformation and
+the model config are bound to the step function, not stored in the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrl_llm import sharding
+from jaxrl_llm.models import decoder
+from jaxrl_llm.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array       # int32 scalar: completed optimizer steps (RL: completed rl_steps)
+  params: Any
+  opt_state: Any
+  extra: dict           # e.g. {"hapo_history": int32[num_prompts]}
+
+  def apply_gradients(self, tx: optax.GradientTransformation, grads) -> "TrainState":
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    return self.replace(params=optax.apply_updates(self.params, updates), opt_state=opt_state)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+  return sharding.tree_shardings(mesh, rules, decoder.param_logical_axes(cfg),
+                                 decoder.param_shapes(cfg))
+
+
+def _like_params(tree, params_struct, param_sh, replicated):
+  """Shardings for an optimizer state: param-shaped subtrees follow the params."""
+  def is_params(node):
+    return jax.tree.structure(node) == params_struct
+
+  return jax.tree.map(lambda node: param_sh if is_params(node) else replicated, tree,
+                      is_leaf=is_params)
+
+
+def state_shardings(abstract_state: TrainState, cfg: ModelConfig, mesh: Mesh,
+                    rules=sharding.DEFAULT_RULES) -> TrainState:
+  """A TrainState of NamedShardings matching `abstract_state`."""
+  rep = NamedSharding(mesh, P())
+  p_sh = param_shardings(cfg, mesh, rules)
+  params_struct = jax.tree.structure(abstract_state.params)
+  return TrainState(
+      step=rep,
+      params=p_sh,
+      opt_state=_like_params(abstract_state.opt_state, params_struct, p_sh, rep),
+      extra=jax.tree.map(lambda _: rep, abstract_state.extra),
+  )
+
+
+def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
+                       mesh: Mesh, rules=sharding.DEFAULT_RULES, *,
+                       params: Optional[Any] = None,
+                       extra_fn: Callable[[], dict] = dict) -> tuple[TrainState, TrainState]:
+  """Initialise (or adopt `params`) a sharded TrainState; returns (state, shardings).
+
+  Params are created directly in their shards: `jax.eval_shape` gives the
+  shapes, `jax.jit(out_shardings=...)` materialises them, so no device ever
+  holds the full model.
+  """
+  def init(rng, params):
+    if params is None:
+      params = decoder.init_params(cfg, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), extra=extra_fn())
+
+  abstract = jax.eval_shape(init, rng, params)
+  shardings = state_shardings(abstract, cfg, mesh, rules)
+  if params is not None:
+    params = jax.device_put(params, shardings.params)
+  state = jax.jit(init, out_shardings=shardings)(rng, params)
+  return state, shardings
+
+
+def accumulate_gradients(loss_fn: Callable, params, batch, num_micro: int):
+  """Exact gradient accumulation over micro-batches with `lax.scan`.
+
+  `loss_fn(params, micro) -> (total, (denom, sums))` returns a weighted loss
+  SUM and its denominator (see `policy_losses.aggregate`). The result is
+  (Σ ∇total / Σ denom, Σ denom, Σ sums): the gradient of the full-batch loss,
+  whatever the split.
+  """
+  def split(x):
+    if x.shape[0] % num_micro:
+      raise ValueError(f"batch of {x.shape[0]} rows is not divisible into {num_micro} "
+                       "micro-batches")
+    return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
+
+  micro = jax.tree.map(split, batch)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  first = jax.tree.map(lambda x: x[0], micro)
+  sums_shape = jax.eval_shape(lambda: loss_fn(params, first)[1][1])
+
+  def body(acc, xs):
+    grads, (denom, sums) = grad_fn(params, xs)
+    return jax.tree.map(jnp.add, acc, (grads, denom, sums)), None
+
+  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+  (grads, denom, sums), _ = jax.lax.scan(body, init, micro)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(denom, 1e-8), grads)
+  return grads, denom, sums
+
+
+def apply_update(state: TrainState, tx: optax.GradientTransformation, grads, *,
+                 skip_nonfinite: bool = True) -> tuple[TrainState, dict]:
+  """Optimizer update; with skip_nonfinite a NaN/Inf gradient leaves the state as is."""
+  from jaxrl_llm.metrics import apply_if_finite
+  new_state = state.apply_gradients(tx, grads)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    new_state, finite = apply_if_finite(new_state, state, grads)
+  return new_state, {"grad/global_norm": grad_norm,
+                     "train/skipped_updates": 1.0 - finite.astype(jnp.float32)}

@@ -1,0 +1,512 @@
+"""Tests for jaxrl_llm.rewards: protocol, verifiers, shaping and host rewards.
+
+Expected values are worked out by hand (or by plain-Python loops following the
+formula written next to them), independently of the implementation.
+"""
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_llm import rewards
+from jaxrl_llm.rewards import base, host, shaping, verifiers
+
+# A toy vocabulary: pad 0, eos 2, digits '0'..'9' are ids 10..19, '-' is 20,
+# letters 'a'.. are 30...
+PAD, EOS, MINUS = 0, 2, 20
+DIGITS = tuple(range(10, 20))
+
+
+def _num(text):
+  """Token ids of a string of digits and '-'."""
+  return [MINUS if ch == "-" else DIGITS[int(ch)] for ch in text]
+
+
+def _pad(rows, width):
+  tokens = np.full((len(rows), width), PAD, np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+    mask[i, :len(row)] = True
+  return tokens, mask
+
+
+def _inputs(completions, finished, width, task=None):
+  comp, mask = _pad(completions, width)
+  batch = len(completions)
+  return base.RewardInputs(
+      prompt_tokens_BP=jnp.ones((batch, 3), jnp.int32),
+      prompt_mask_BP=jnp.ones((batch, 3), bool),
+      completion_BL=jnp.asarray(comp),
+      completion_mask_BL=jnp.asarray(mask),
+      finished_B=jnp.asarray(finished, bool),
+      task={k: jnp.asarray(v) for k, v in (task or {}).items()},
+  )
+
+
+def _answers(answers, width):
+  tokens, mask = _pad(answers, width)
+  return {"answer_BA": tokens, "answer_mask_BA": mask}
+
+
+# --------------------------------------------------------------------------
+# base
+# --------------------------------------------------------------------------
+
+
+def test_package_exports():
+  assert rewards.RewardInputs is base.RewardInputs
+  assert rewards.host is host
+
+
+def test_reward_inputs_lengths_and_task_errors():
+  inputs = _inputs([[10, 11, EOS], [10]], [True, False], 4)
+  np.testing.assert_array_equal(inputs.lengths_B, [3, 1])
+  with pytest.raises(ValueError, match="answer_BA"):
+    inputs.task_array("answer_BA")
+
+
+def test_compose_weighted_total_and_parts():
+  inputs = _inputs([[10], [11], [12]], [True] * 3, 2)
+  first = lambda x: jnp.asarray([1.0, 0.0, 1.0])
+  second = lambda x: x.lengths_B.astype(jnp.float32) * 2  # [2, 2, 2]
+  fn = base.compose({"a": (first, 1.0), "b": (second, -0.5)})
+  for f in (fn, jax.jit(fn)):
+    total, parts = f(inputs)
+    # total = 1.0 * a - 0.5 * b
+    np.testing.assert_allclose(total, [0.0, -1.0, 0.0])
+    np.testing.assert_allclose(parts["a"], [1.0, 0.0, 1.0])
+    np.testing.assert_allclose(parts["b"], [2.0, 2.0, 2.0])
+    assert total.dtype == jnp.float32
+
+
+def test_compose_rejects_bad_components():
+  with pytest.raises(ValueError):
+    base.compose({})
+  with pytest.raises(ValueError):
+    base.compose({"a": lambda x: x})
+  with pytest.raises(ValueError):
+    base.compose({"a": ("not callable", 1.0)})
+  with pytest.raises(ValueError, match="shape"):
+    base.compose({"a": (lambda x: jnp.zeros((5,)), 1.0)})(_inputs([[10]], [True], 2))
+
+
+# --------------------------------------------------------------------------
+# verifiers
+# --------------------------------------------------------------------------
+
+
+def test_answer_span():
+  comp, mask = _pad([[10, EOS, 11], [10, 11], [EOS], []], 4)
+  span_mask, span_len = verifiers.answer_span(comp, mask, eos_id=EOS)
+  np.testing.assert_array_equal(span_len, [1, 2, 0, 0])
+  np.testing.assert_array_equal(span_mask[1], [1, 1, 0, 0])
+  # Several stop ids: the first one of either counts.
+  _, span_len = verifiers.answer_span(comp, mask, eos_id=(EOS, 11))
+  np.testing.assert_array_equal(span_len, [1, 1, 0, 0])
+  _, span_len = verifiers.answer_span(comp, mask, eos_id=np.int32(EOS))
+  np.testing.assert_array_equal(span_len, [1, 2, 0, 0])
+
+
+EXACT_CASES = [
+    # (completion, finished, answer, expected)
+    (_num("12") + [EOS], True, _num("12"), 1.0),      # match
+    (_num("12") + [EOS], True, _num("123"), 0.0),     # completion shorter than answer
+    (_num("123") + [EOS], True, _num("12"), 0.0),     # completion longer
+    (_num("13") + [EOS], True, _num("12"), 0.0),      # wrong token
+    (_num("12"), False, _num("12"), 0.0),             # truncated: never correct
+    (_num("12") + [EOS, 11], True, _num("12"), 1.0),  # tokens after eos ignored
+    ([EOS], True, [], 1.0),                           # empty answer, empty span
+]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_exact_match(jit):
+  comps, fins, answers, expected = zip(*EXACT_CASES)
+  inputs = _inputs(comps, fins, 5, _answers(answers, 4))
+  fn = functools.partial(verifiers.exact_match, eos_id=EOS)
+  out = (jax.jit(fn) if jit else fn)(inputs)
+  np.testing.assert_array_equal(out, expected)
+  assert out.dtype == jnp.float32
+
+
+def test_exact_match_answer_longer_than_completion_and_mask_without_eos():
+  # L = 2 < A = 4: the 3-token answer cannot be matched; the 2-token one can,
+  # here with a mask that stops before the (absent) stop token.
+  inputs = _inputs([_num("12"), _num("12"), _num("12")], [True, True, True], 2,
+                   _answers([_num("123"), _num("12"), _num("1")], 4))
+  np.testing.assert_array_equal(verifiers.exact_match(inputs, eos_id=EOS), [0.0, 1.0, 0.0])
+
+
+def test_format_reward():
+  allowed = DIGITS + (MINUS,)
+  inputs = _inputs(
+      [_num("-12") + [EOS],  # digits and minus, finished -> 1
+       [10, 30, EOS],        # a letter -> 0
+       _num("12"),           # not finished -> 0
+       [EOS],                # empty -> 0 (1 with allow_empty)
+       _num("7") + [EOS, 30]],  # after eos ignored -> 1
+      [True, True, False, True, True], 5)
+  fn = functools.partial(verifiers.format_reward, allowed_ids=allowed, eos_id=EOS)
+  np.testing.assert_array_equal(jax.jit(fn)(inputs), [1, 0, 0, 0, 1])
+  np.testing.assert_array_equal(
+      verifiers.format_reward(inputs, allowed_ids=allowed, eos_id=EOS, allow_empty=True),
+      [1, 0, 0, 1, 1])
+
+
+INT_CASES = [
+    # (text or token list, expected value, expected ok)
+    ("123", 123, True),
+    ("-45", -45, True),
+    ("007", 7, True),
+    ("0", 0, True),
+    ("-0", 0, True),
+    ("", 0, False),            # empty
+    ("-", 0, False),           # no digit
+    ("1-2", 0, False),         # minus not leading
+    ("--3", 0, False),
+    ("999999999", 999999999, True),     # nine significant digits fit int32
+    ("1000000000", 0, False),           # ten do not
+    ("000000000000012", 12, True),      # leading zeros do not count
+    ([DIGITS[4], 30], 0, False),        # a non-digit token
+]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_tokens_to_int(jit):
+  rows = [_num(t) if isinstance(t, str) else t for t, _, _ in INT_CASES]
+  tokens, mask = _pad(rows, 16)
+  fn = functools.partial(verifiers.tokens_to_int, digit_ids=DIGITS, minus_id=MINUS)
+  value, ok = (jax.jit(fn) if jit else fn)(tokens, mask)
+  np.testing.assert_array_equal(value, [v for _, v, _ in INT_CASES])
+  np.testing.assert_array_equal(ok, [k for _, _, k in INT_CASES])
+  assert value.dtype == jnp.int32
+
+
+def test_tokens_to_int_mask_and_no_minus():
+  tokens, _ = _pad([_num("1234"), _num("-5")], 4)
+  mask = np.array([[0, 1, 1, 0], [1, 1, 0, 0]], bool)  # reads "23" and "-5"
+  value, ok = verifiers.tokens_to_int(tokens, mask, DIGITS, MINUS)
+  np.testing.assert_array_equal(value, [23, -5])
+  np.testing.assert_array_equal(ok, [True, True])
+  value, ok = verifiers.tokens_to_int(tokens, mask, DIGITS)  # '-' is not allowed
+  np.testing.assert_array_equal(ok, [True, False])
+  with pytest.raises(ValueError, match="10 distinct"):
+    verifiers.tokens_to_int(tokens, mask, DIGITS[:9])
+  with pytest.raises(ValueError, match="minus_id"):
+    verifiers.tokens_to_int(tokens, mask, DIGITS, DIGITS[0])
+
+
+def test_numeric_match():
+  inputs = _inputs(
+      [_num("007") + [EOS], _num("-12") + [EOS], _num("12") + [EOS], _num("7"), [30, EOS]],
+      [True, True, True, False, True], 5,
+      {"target_B": np.array([7, -12, -12, 7, 0], np.int32)})
+  fn = functools.partial(verifiers.numeric_match, digit_ids=DIGITS, minus_id=MINUS, eos_id=EOS)
+  # "007" = 7; "-12" = -12; "12" != -12; truncated; not a number.
+  np.testing.assert_array_equal(jax.jit(fn)(inputs), [1, 1, 0, 0, 0])
+
+
+# --------------------------------------------------------------------------
+# shaping
+# --------------------------------------------------------------------------
+
+
+def test_length_mask():
+  mask = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 1, 1, 1, 1]], np.int32)
+  new, truncated = jax.jit(shaping.length_mask)(mask, jnp.int32(3))
+  np.testing.assert_array_equal(new, [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(truncated, [True, False, True])
+  assert new.dtype == mask.dtype
+
+
+def test_dler_truncation_and_difficulty_budget():
+  r = np.array([1.0, 1.0, 0.5, 0.0])
+  lengths = np.array([10, 30, 20, 50])
+  # budget 20: lengths 30 and 50 exceed it -> 0.
+  np.testing.assert_allclose(shaping.dler_truncation(r, lengths, 20), [1.0, 0.0, 0.5, 0.0])
+  np.testing.assert_allclose(
+      jax.jit(shaping.dler_truncation)(r, lengths, jnp.array([5, 40, 40, 40])),
+      [0.0, 1.0, 0.5, 0.0])
+  # Two groups of 4: accuracies 0.75 and 0.25; threshold 0.75 -> group 0 easy.
+  correct = np.array([1, 1, 1, 0, 0, 1, 0, 0])
+  budget = shaping.difficulty_aware_budget(correct, 4, 100, 40, 0.75)
+  np.testing.assert_array_equal(budget, [40] * 4 + [100] * 4)
+  with pytest.raises(ValueError, match="multiple"):
+    shaping.difficulty_aware_budget(correct[:7], 4, 100, 40, 0.75)
+
+
+def _hapo_ref(length, correct, h, weight):
+  if h is None:
+    return 0.0
+  f = math.cos(min(math.pi / 2 * length / max(h, 1), math.pi))
+  return weight * (f if correct else min(f, 0.0))
+
+
+def test_hapo_length_reward_golden():
+  none = shaping.HAPO_NO_HISTORY
+  lengths = [50, 100, 200, 300, 50, 150, 300, 80]
+  correct = [1, 1, 1, 1, 0, 0, 0, 1]
+  history = [100, 100, 100, 100, 100, 100, 100, none]
+  out = jax.jit(functools.partial(shaping.hapo_length_reward, weight=0.5))(
+      np.array(lengths), np.array(correct), np.array(history, np.int32))
+  expected = [_hapo_ref(l, c, None if h == none else h, 0.5)
+              for l, c, h in zip(lengths, correct, history)]
+  # By hand: 0.5*cos(π/4), 0.5*cos(π/2)=0, 0.5*cos(π)=-0.5, -0.5 (capped);
+  # incorrect: 0 (short, not rewarded), 0.5*cos(3π/4), -0.5; no history -> 0.
+  np.testing.assert_allclose(expected, [0.5 * math.sqrt(0.5), 0.0, -0.5, -0.5,
+                                        0.0, 0.5 * math.cos(3 * math.pi / 4), -0.5, 0.0],
+                             atol=1e-12)
+  np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_hapo_incorrect_never_exceeds_correct():
+  lengths = np.arange(0, 400)
+  h = np.full_like(lengths, 100)
+  good = shaping.hapo_length_reward(lengths, np.ones_like(lengths), h)
+  bad = shaping.hapo_length_reward(lengths, np.zeros_like(lengths), h)
+  assert np.all(np.abs(bad) <= np.abs(good) + 1e-6)
+  assert np.all(bad <= 0.0)
+
+
+def test_hapo_history_across_two_steps():
+  g = 2
+  history = shaping.hapo_init_history(4)
+  prompt_ids = np.array([3, 1])  # two groups: prompt 3 and prompt 1
+
+  # Step 1: nothing seen yet, so the length reward is 0 everywhere.
+  lengths1 = np.array([40, 20, 30, 10])
+  correct1 = np.array([1, 1, 0, 0])
+  r1 = shaping.hapo_length_reward(lengths1, correct1, history[np.repeat(prompt_ids, g)])
+  np.testing.assert_array_equal(r1, np.zeros(4))
+  history = jax.jit(shaping.hapo_update_history, static_argnums=4)(
+      history, prompt_ids, lengths1, correct1, g)
+  none = shaping.HAPO_NO_HISTORY
+  np.testing.assert_array_equal(history, [none, none, none, 20])  # prompt 1: no correct
+
+  # Step 2: prompt 3 again (h = 20) and prompt 3 once more in the same batch.
+  prompt_ids = np.array([3, 3])
+  lengths2 = np.array([10, 40, 15, 30])
+  correct2 = np.array([1, 1, 1, 0])
+  r2 = shaping.hapo_length_reward(lengths2, correct2, history[np.repeat(prompt_ids, g)])
+  # h = 20: cos(π/4), cos(π) = -1, cos(3π/8), incorrect min(cos(3π/4), 0).
+  np.testing.assert_allclose(r2, [math.cos(math.pi / 4), -1.0, math.cos(3 * math.pi / 8),
+                                  math.cos(3 * math.pi / 4)], atol=1e-6)
+  history = shaping.hapo_update_history(history, prompt_ids, lengths2, correct2, g)
+  np.testing.assert_array_equal(history, [none, none, none, 10])  # min(20, 10, 15)
+  # Ids outside [0, N) change nothing.
+  same = shaping.hapo_update_history(history, np.array([-1, 4]), lengths2, correct2, g)
+  np.testing.assert_array_equal(same, history)
+
+
+def test_grpo_lambda_golden():
+  g = 4
+  # Group accuracies: 1.0, 0.5, 0.75, 0.0.
+  correct = np.array([1, 1, 1, 1,  1, 0, 1, 0,  1, 1, 1, 0,  0, 0, 0, 0])
+  lengths = np.array([10, 20, 30, 40,  10, 20, 30, 40,  50, 60, 70, 80,  10, 20, 30, 40])
+  selected = shaping.grpo_lambda_groups(correct, g, 0.5)
+  # k = ceil(0.5 * 4) = 2 -> threshold = 2nd largest accuracy = 0.75 -> groups 0 and 2.
+  np.testing.assert_array_equal(selected, [1] * 4 + [0] * 4 + [1] * 4 + [0] * 4)
+  fn = functools.partial(shaping.grpo_lambda, group_size=g, top_fraction=0.5,
+                         length_weight=0.5, max_len=100)
+  out = jax.jit(fn)(correct, lengths)
+  expected = []
+  for i, (c, l) in enumerate(zip(correct, lengths)):
+    sel = (i // g) in (0, 2)
+    expected.append(c * (1 - 0.5 * l / 100) if sel else float(c))  # c·(1 − α·|y|/L_max)
+  np.testing.assert_allclose(out, expected, atol=1e-6)
+  np.testing.assert_allclose(out[:4], [0.95, 0.9, 0.85, 0.8], atol=1e-6)
+
+
+def test_grpo_lambda_ties_and_extremes():
+  correct = np.array([1, 1, 1, 1, 1, 0, 0, 0])  # accuracies 1, 1, 0.5, 0 with G = 2
+  # k = ceil(0.25 * 4) = 1, but groups 0 and 1 tie at the top: both selected.
+  np.testing.assert_array_equal(shaping.grpo_lambda_groups(correct, 2, 0.25),
+                                [1, 1, 1, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(shaping.grpo_lambda_groups(correct, 2, 0.0), [0] * 8)
+  # top_fraction 1: every group with a correct answer.
+  np.testing.assert_array_equal(shaping.grpo_lambda_groups(correct, 2, 1.0),
+                                [1, 1, 1, 1, 1, 1, 0, 0])
+  with pytest.raises(ValueError, match="top_fraction"):
+    shaping.grpo_lambda_groups(correct, 2, 1.5)
+
+
+def test_siri_schedule():
+  fn = functools.partial(shaping.siri_max_length, short_len=256, long_len=1024, period=10,
+                         compress_fraction=0.3)
+  steps = [0, 1, 2, 3, 9, 10, 12, 13, 25]
+  expected = [256, 256, 256, 1024, 1024, 256, 256, 1024, 1024]  # φ = step mod 10 < 3
+  assert [int(fn(s)) for s in steps] == expected
+  np.testing.assert_array_equal(jax.jit(jax.vmap(fn))(jnp.array(steps)), expected)
+  with pytest.raises(ValueError):
+    shaping.siri_max_length(0, short_len=2048, long_len=1024, period=10, compress_fraction=0.5)
+
+
+def test_staged_max_length():
+  fn = functools.partial(shaping.staged_max_length, stage_steps=(0, 100, 300),
+                         stage_lengths=(512, 1024, 2048))
+  for step, want in [(0, 512), (99, 512), (100, 1024), (299, 1024), (300, 2048), (10**6, 2048)]:
+    assert int(fn(step)) == want
+    assert int(jax.jit(fn)(jnp.int32(step))) == want
+  with pytest.raises(ValueError, match="start at 0"):
+    shaping.staged_max_length(0, stage_steps=(5, 10), stage_lengths=(1, 2))
+  with pytest.raises(ValueError):
+    shaping.staged_max_length(0, stage_steps=(0, 10), stage_lengths=(1,))
+
+
+def _rep_ref(tokens, mask, n):
+  """Plain-Python reference: fraction of valid n-grams seen earlier."""
+  grams = [tuple(tokens[t:t + n]) for t in range(len(tokens) - n + 1)
+           if all(mask[t:t + n])]
+  if not grams:
+    return 0.0
+  return sum(g in grams[:i] for i, g in enumerate(grams)) / len(grams)
+
+
+def test_ngram_repetition_penalty_crafted():
+  rows = [[1, 2, 3, 1, 2, 3],   # n-grams 123 231 312 123: 1 repeat of 4
+          [5, 5, 5, 5, 5, 5],   # 4 identical n-grams: 3 repeats
+          [1, 2, 3, 4, 5, 6],   # none repeat
+          [1, 2, 3, 1, 2],      # 3 n-grams, none repeat
+          [7, 7]]               # shorter than n: 0
+  tokens, mask = _pad(rows, 6)
+  fn = functools.partial(shaping.ngram_repetition_penalty, n=3)
+  out = jax.jit(fn)(tokens, mask)
+  np.testing.assert_allclose(out, [0.25, 0.75, 0.0, 0.0, 0.0], atol=1e-7)
+  np.testing.assert_allclose(shaping.ngram_repetition_penalty(tokens, mask, n=1),
+                             [0.5, 5 / 6, 0.0, 0.4, 0.5], atol=1e-7)
+  # L < n: zeros with the right shape.
+  np.testing.assert_array_equal(shaping.ngram_repetition_penalty(tokens[:, :2], mask[:, :2]),
+                                np.zeros(5))
+
+
+def test_ngram_repetition_penalty_matches_reference():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 3, size=(6, 24))
+  lengths = rng.integers(0, 25, size=6)
+  mask = np.arange(24)[None, :] < lengths[:, None]
+  mask[0, 5] = False  # a hole: n-grams covering it do not count
+  for n in (2, 3, 4):
+    want = [_rep_ref(list(t), list(m), n) for t, m in zip(tokens, mask)]
+    np.testing.assert_allclose(shaping.ngram_repetition_penalty(tokens, mask, n=n), want,
+                               atol=1e-6)
+
+
+def test_repetition_penalty_weight():
+  fn = functools.partial(shaping.repetition_penalty_weight, start=0.0, end=0.2, warmup_steps=100)
+  # w = 0 + 0.2 * min(step / 100, 1)
+  for step, want in [(0, 0.0), (25, 0.05), (100, 0.2), (500, 0.2)]:
+    np.testing.assert_allclose(jax.jit(fn)(step), want, atol=1e-7)
+  np.testing.assert_allclose(
+      shaping.repetition_penalty_weight(3, start=1.0, end=0.5, warmup_steps=0), 0.5)
+
+
+# --------------------------------------------------------------------------
+# host
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred, gold, want", [
+    ("1/2", "0.5", True),
+    ("0.5", "\\frac{1}{2}", True),
+    ("The answer is \\boxed{\\dfrac{1}{2}}.", "1/2", True),
+    ("#### 42", "42", True),
+    ("$1,234$", "1234", True),
+    ("x = 5", "5", True),
+    ("0.3333", "1/3", False),
+    ("43", "42", False),
+    ("(x+1)^2", "x^2 + 2x + 1", True),     # sympy: simplify(a − b) = 0
+    ("\\frac{\\sqrt{2}}{2}", "1/\\sqrt{2}", True),
+    ("garbage ?!", "42", False),
+    ("", "", False),
+])
+def test_math_equal(pred, gold, want):
+  assert host.math_equal(pred, gold) is want
+
+
+def test_math_equal_timeout_is_counted():
+  before = host.math_equal_stats()["timeouts"]
+  start = time.monotonic()
+  # A power tower: the worker process is killed once the timeout passes.
+  assert host.math_equal("9^9^9^9", "1", timeout_s=0.3) is False
+  assert host.math_equal_stats()["timeouts"] == before + 1
+  assert time.monotonic() - start < 30  # process startup (not timed) + 0.3 s
+
+
+def test_extract_answer():
+  assert host.extract_answer("so \\boxed{\\frac{3}{4}} and \\boxed{7}") == "7"
+  assert host.extract_answer("nested \\boxed{\\frac{1}{\\sqrt{2}}} done") == "\\frac{1}{\\sqrt{2}}"
+  assert host.extract_answer("work\n#### 1,234\n") == "1,234"
+  assert host.extract_answer("we get 12 apples, then -3.5") == "-3.5"
+  assert host.extract_answer("a total of 1,000,000 and 3/4") == "3/4"
+  assert host.extract_answer("no numbers here") == ""
+
+
+def _decode(ids):
+  return "".join("-" if i == MINUS else str(i - DIGITS[0]) for i in ids if i != EOS)
+
+
+def _answer_reward(prompt_text, completion_text, example):
+  if example.get("slow"):
+    time.sleep(2.0)
+  return 1.0 if completion_text == example.get("answer") else 0.0
+
+
+def test_host_reward_call():
+  reward = host.HostReward(_answer_reward, _decode, timeout_s=5.0, num_workers=2, eos_id=EOS)
+  reward.set_examples([{"answer": "12"}, {"answer": "-3"}, {"answer": "7"}])
+  comp, cmask = _pad([_num("12") + [EOS], _num("-3") + [EOS, 11], _num("8") + [EOS],
+                      _num("7")], 5)
+  prompt, pmask = _pad([[10], [11], [12], [13]], 2)
+  out = reward(prompt, pmask, comp, cmask, np.array([0, 1, 2, 2]))
+  np.testing.assert_array_equal(out, [1.0, 1.0, 0.0, 1.0])
+  assert out.dtype == np.float32
+  assert reward.stats == {"calls": 4, "timeouts": 0, "errors": 0}
+  # No example table and no index: every example is {}.
+  seen = []
+  host.HostReward(lambda p, c, e: seen.append((p, c, dict(e))) or 0.0, _decode)(
+      prompt[:1], pmask[:1], comp[:1], cmask[:1])
+  assert seen == [("0", "12", {})]
+
+
+def test_host_reward_timeout_and_errors():
+  reward = host.HostReward(_answer_reward, _decode, timeout_s=0.2, num_workers=4)
+  reward.set_examples([{"answer": "1"}, {"answer": "1", "slow": True}])
+  comp, cmask = _pad([_num("1"), _num("1"), _num("1")], 2)
+  prompt, pmask = _pad([[10]] * 3, 1)
+  start = time.monotonic()
+  out = reward(prompt, pmask, comp, cmask, np.array([0, 1, 0]))
+  assert time.monotonic() - start < 1.5  # the slow call is abandoned, not awaited
+  np.testing.assert_array_equal(out, [1.0, 0.0, 1.0])
+  assert reward.stats["timeouts"] == 1
+
+  def broken(p, c, e):
+    raise KeyError("boom")
+
+  with pytest.raises(RuntimeError, match="failed"):
+    host.HostReward(broken, _decode)(prompt, pmask, comp, cmask)
+  lenient = host.HostReward(broken, _decode, on_error="zero")
+  np.testing.assert_array_equal(lenient(prompt, pmask, comp, cmask), [0.0, 0.0, 0.0])
+  assert lenient.stats["errors"] == 3
+  with pytest.raises(ValueError, match="outside"):
+    reward(prompt, pmask, comp, cmask, np.array([0, 1, 5]))
+  with pytest.raises(ValueError):
+    host.HostReward(broken, _decode, timeout_s=0)
+
+
+def test_host_reward_in_graph_under_jit():
+  reward = host.HostReward(_answer_reward, _decode, timeout_s=5.0, eos_id=EOS)
+  reward.set_examples([{"answer": "12"}, {"answer": "5"}])
+  inputs = _inputs([_num("12") + [EOS], _num("5") + [EOS], _num("6") + [EOS]],
+                   [True] * 3, 4, {"example_index_B": np.array([0, 1, 1], np.int32)})
+  exact = functools.partial(verifiers.format_reward, allowed_ids=DIGITS, eos_id=EOS)
+  fn = base.compose({"host": (reward.in_graph, 1.0), "format": (exact, 0.5)})
+  total, parts = jax.jit(fn)(inputs)
+  np.testing.assert_array_equal(parts["host"], [1.0, 1.0, 0.0])
+  np.testing.assert_allclose(total, [1.5, 1.5, 0.5])
+  assert reward.stats["calls"] == 3

@@ -1,0 +1,163 @@
+"""The one-jit RL step: sharding equality, no recompiles, DAPO, HAPO, split mode, learning."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_llm import optim, sharding, testing
+from jaxrl_llm.rl import config as rl_config
+from jaxrl_llm.rl import rl_step as rls
+from jaxrl_llm.train_state import create_train_state
+
+VOCAB, EOS, TARGET = 16, 2, 7
+CFG = testing.tiny_config("qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64)
+
+
+def target_reward(inputs):
+  """Fraction of completion tokens equal to TARGET; 'correct' when it is > 1/2."""
+  m = inputs.completion_mask_BL
+  frac = jnp.sum((inputs.completion_BL == TARGET) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1)
+  return frac, {"correct": (frac > 0.5).astype(jnp.float32), "target_frac": frac}
+
+
+def make_batch(num_prompts=4, P=5):
+  rng = np.random.RandomState(0)
+  toks = rng.randint(3, VOCAB, size=(num_prompts, P)).astype(np.int32)
+  mask = np.ones_like(toks)
+  mask[0, :2] = 0  # left padding on one prompt
+  toks[0, :2] = 0
+  return dict(prompt_tokens=toks, prompt_mask=mask,
+              prompt_id=np.arange(num_prompts, dtype=np.int32))
+
+
+def build(rl, mesh_shape=(1, 1, 1), lr=1e-2, reward=target_reward, devices=None):
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=lr, grad_clip_norm=1.0))
+  devs = jax.devices()[:int(np.prod(mesh_shape))] if devices is None else devices
+  mesh = sharding.make_mesh(sharding.MeshConfig(mesh_shape), devs)
+  state, sh = create_train_state(CFG, tx, jax.random.key(0), mesh,
+                                 extra_fn=lambda: rls.init_rl_extra(rl))
+  step = rls.RLStep(CFG, rl, tx, reward, eos_id=EOS, mesh=mesh)
+  return step, state, sh, mesh
+
+
+def run_steps(rl, mesh_shape, n=2):
+  step, state, sh, mesh = build(rl, mesh_shape)
+  ref = jax.tree.map(jnp.copy, state.params)
+  fn = rls.jit_rl_step(step, sh, None, sh.params)
+  batch = sharding.shard_batch(make_batch(), mesh)
+  for _ in range(n):
+    state, metrics = fn(state, batch, jax.random.key(1), ref)
+  return jax.device_get(state), jax.device_get(metrics), fn
+
+
+def test_eight_devices_equal_one_device_and_no_recompilation():
+  rl = rl_config.from_preset("grpo", group_size=4, max_new_tokens=5, epochs=2, minibatches=2,
+                             kl_coef=0.05)
+  s1, m1, _ = run_steps(rl, (1, 1, 1), n=2)
+  s8, m8, fn = run_steps(rl, (2, 2, 2), n=3)
+  assert fn._cache_size() == 1  # three steps, one compilation
+  s8b, m8b, _ = run_steps(rl, (2, 2, 2), n=2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               s1.params, s8b.params)
+  for k in ("reward/mean", "loss/policy", "rl/response_length"):
+    np.testing.assert_allclose(m1[k], m8b[k], rtol=1e-4, atol=1e-6)
+  assert int(s8.step) == 3
+
+
+def test_dynamic_sampling_rows_keep_mixed_groups_first():
+  zero_var = jnp.array([True, False, True, False, False, True])
+  idx, valid = rls.dynamic_sampling_rows(zero_var, keep=3, group_size=2)
+  np.testing.assert_array_equal(idx, [2, 3, 6, 7, 8, 9])
+  assert bool(jnp.all(valid))
+  idx, valid = rls.dynamic_sampling_rows(jnp.array([True, False, True]), keep=2, group_size=2)
+  np.testing.assert_array_equal(idx, [2, 3, 0, 1])
+  np.testing.assert_array_equal(valid, [True, True, False, False])
+
+
+def test_dapo_step_reports_valid_fraction_and_masks_uniform_groups():
+  def half_uniform(inputs):
+    # Even prompt ids: constant reward (uniform group); odd: token-dependent.
+    frac, comps = target_reward(inputs)
+    pid = inputs.task["prompt_id"]
+    varied = (inputs.completion_BL[:, 0] % 2).astype(jnp.float32)
+    r = jnp.where(pid % 2 == 0, 1.0, varied)
+    return r, {"correct": r}
+  rl = rl_config.from_preset("dapo", group_size=8, max_new_tokens=4, oversample=2)
+  step, state, sh, mesh = build(rl, reward=half_uniform)
+  fn = rls.jit_rl_step(step, sh, None, None)
+  _, m = fn(state, sharding.shard_batch(make_batch(num_prompts=4), mesh), jax.random.key(3), None)
+  # 4 groups sampled, 2 kept: the 2 odd (mixed) groups come first.
+  assert float(m["rl/dynamic_valid_frac"]) == 1.0
+  assert float(m["rl/zero_adv_group_frac"]) == pytest.approx(0.5)
+
+
+def test_hapo_history_updates_across_steps():
+  rl = rl_config.RLConfig(group_size=4, max_new_tokens=5, length_shaping="hapo",
+                          hapo_num_prompts=4)
+  def all_correct_but_first(inputs):
+    correct = (inputs.task["prompt_id"] != 0).astype(jnp.float32)
+    return correct, {"correct": correct}
+  step, state, sh, mesh = build(rl, reward=all_correct_but_first)
+  fn = rls.jit_rl_step(step, sh, None, None)
+  batch = sharding.shard_batch(make_batch(), mesh)
+  h0 = np.asarray(state.extra["hapo_history"])
+  state, m = fn(state, batch, jax.random.key(0), None)
+  h1 = np.asarray(state.extra["hapo_history"])
+  assert h1[0] == h0[0]  # never correct: no history
+  assert np.all(h1[1:] <= 5) and np.all(h1[1:] >= 1)
+  state, _ = fn(state, batch, jax.random.key(1), None)
+  h2 = np.asarray(state.extra["hapo_history"])
+  assert np.all(h2 <= h1)  # a running minimum
+  assert "reward/hapo_length" in m
+
+
+def test_split_mode_equals_one_jit_mode():
+  rl = rl_config.from_preset("dr_grpo", group_size=4, max_new_tokens=5)
+  step, state, sh, mesh = build(rl)
+  batch = sharding.shard_batch(make_batch(), mesh)
+  one = rls.jit_rl_step(step, sh, None, None)
+  s_one, m_one = one(jax.tree.map(jnp.copy, state), batch, jax.random.key(5), None)
+
+  def host_reward(ro):  # the same reward, computed in NumPy on the host
+    comp, m = np.asarray(ro["completion"]), np.asarray(ro["completion_mask"])
+    frac = ((comp == TARGET) * m).sum(1) / np.maximum(m.sum(1), 1)
+    return frac, {"correct": (frac > 0.5).astype(np.float32), "target_frac": frac}
+  split = rls.make_split_step(step, host_reward=host_reward)
+  s_split, m_split = split(state, batch, jax.random.key(5), None)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               s_one.params, s_split.params)
+  np.testing.assert_allclose(m_one["reward/mean"], m_split["reward/mean"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["gspo", "cispo", "rloo", "reinforce_pp"])
+def test_presets_run_and_update(preset):
+  rl = rl_config.from_preset(preset, group_size=4, max_new_tokens=4)
+  step, state, sh, mesh = build(rl)
+  fn = rls.jit_rl_step(step, sh, None, sh.params if rl.needs_reference else None)
+  before = jax.device_get(state.params)
+  state, m = fn(state, sharding.shard_batch(make_batch(), mesh), jax.random.key(2),
+                jax.tree.map(jnp.copy, state.params) if rl.needs_reference else None)
+  assert np.isfinite(float(m["loss/policy"]))
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state.params))
+  assert any(jax.tree.leaves(changed))
+
+
+def test_remax_uses_greedy_baseline():
+  rl = rl_config.RLConfig(group_size=2, max_new_tokens=4, advantage="remax")
+  step, state, sh, mesh = build(rl)
+  fn = rls.jit_rl_step(step, sh, None, None)
+  _, m = fn(state, sharding.shard_batch(make_batch(), mesh), jax.random.key(2), None)
+  assert np.isfinite(float(m["loss/policy"]))
+
+
+def test_grpo_raises_reward():
+  rl = rl_config.RLConfig(group_size=8, max_new_tokens=6, advantage="grpo",
+                          aggregation="token_mean")
+  step, state, sh, mesh = build(rl, lr=3e-3)
+  fn = rls.jit_rl_step(step, sh, None, None)
+  batch = sharding.shard_batch(make_batch(num_prompts=8), mesh)
+  rewards = []
+  for i in range(30):
+    state, m = fn(state, batch, jax.random.key(i), None)
+    rewards.append(float(m["reward/mean"]))
+  assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.3, rewards
