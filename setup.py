@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "sympy>=1.12",  # host-side math answer equivalence
+    "pyarrow>=14",  # Parquet prompt datasets
 ]
 
 EXTRAS = {

@@ -249,6 +249,30 @@ class Checkpointer:
                  self.directory)
     return restored[_STATE], dict(restored[_EXTRA] or {})
 
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+    """Restores only ``state.params`` (e.g. to warm-start another run).
+
+    The optimizer state and extras of the saved run are not read, so a run
+    with another optimizer or algorithm can start from these weights.
+    ``abstract_params`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings.
+    """
+    self.wait()
+    if step is None:
+      step = self.latest_step()
+    if step is None or step not in self._manager.all_steps():
+      raise FileNotFoundError(
+          f"No finished checkpoint{'' if step is None else f' for step {step}'} in "
+          f"{self.directory}; available steps: {self.all_steps()}. Point init_from at "
+          "the workdir of a run that saved one.")
+    target = {"params": jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_params)}
+    restored = ocp.PyTreeCheckpointer().restore(
+        self.directory / str(step) / _STATE,
+        args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    logging.info("Restored params of step %d from %s.", step, self.directory)
+    return restored["params"]
+
   def wait(self) -> None:
     """Blocks until every started save is finished and visible."""
     self._manager.wait_until_finished()
