@@ -59,7 +59,8 @@ def process_logits(logits_BV: jax.Array, *, temperature: float = 1.0, top_k: int
 def _validate(prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperature, top_k, top_p,
               cache_size):
   if prompt_tokens_BP.ndim != 2:
-    raise ValueError(f"prompt_tokens_BP must be [batch, prompt_len], got shape {prompt_tokens_BP.shape}")
+    raise ValueError("prompt_tokens_BP must be [batch, prompt_len], got shape "
+                     f"{prompt_tokens_BP.shape}")
   if prompt_mask_BP.shape != prompt_tokens_BP.shape:
     raise ValueError(f"prompt_mask_BP shape {prompt_mask_BP.shape} != prompt_tokens_BP shape "
                      f"{prompt_tokens_BP.shape}")

@@ -1,0 +1,49 @@
+"""Quickstart: GRPO on the built-in tiny model and arithmetic task, on a CPU.
+
+  python launch/train.py --config=configs/quickstart.py --workdir=/tmp/quickstart
+
+No downloads. Stage 1 runs an SFT warm-start of the built-in tiny model
+(0.8M params) on synthetic 1-2 digit addition/subtraction (400 steps); stage 2
+runs GRPO with the one-jit RL step (rollout, exact-match reward, advantages
+and update compiled together; 150 steps of 32 prompts x 8 completions).
+Hardware: 2 CPU cores, about 8-10 minutes in all.
+Expected: after SFT, held-out greedy accuracy about 0.8 and sampled (T=1)
+accuracy about 0.75-0.8; GRPO raises the sampled accuracy, the quantity it
+optimises, by about 0.04-0.08 and the training reward alongside, while greedy
+accuracy stays about level. The run ends with a before/after table and leaves
+TensorBoard logs (`tensorboard --logdir /tmp/quickstart`) and checkpoints. A
+rerun with the same workdir resumes.
+"""
+
+from jaxrl_llm.config import default_configdict, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, sft_steps=400, rl_steps=150)
+  c = default_configdict(kind="rl", rl_preset="grpo")
+  c.data.source = "arithmetic"
+  c.data.num_train = 50000
+  c.data.num_test = 1000
+  c.data.batch_size = 32            # prompts per RL step (x 8 completions)
+  c.data.max_prompt_len = 12
+  c.data.max_answer_len = 6
+  c.data.seq_len = 64               # SFT warm-start packed rows
+  c.data.task_options = (("max_digits", 2),)
+  c.rl.group_size = 8
+  c.rl.max_new_tokens = 6
+  c.rl.kl_coef = 0.0                # no reference forward: faster on CPU
+  c.reward.components = (("correct", 1.0),)
+  c.optim.learning_rate = 3e-5       # RL moves a converged SFT model gently
+  c.optim.warmup_steps = 10         # Adam's first steps are sign-like: ramp up
+  c.optim.grad_clip_norm = 1.0
+  c.eval.num_examples = 512
+  c.eval.batch_size = 256
+  c.eval.max_new_tokens = 6
+  c.eval.every_steps = 50
+  c.checkpoint.save_interval_steps = 50
+  c.trainer.num_steps = args["rl_steps"]
+  c.trainer.log_every = 5
+  c.trainer.sft_warmstart.num_steps = args["sft_steps"]
+  c.trainer.sft_warmstart.learning_rate = 3e-3
+  c.trainer.sft_warmstart.batch_size = 64
+  return c

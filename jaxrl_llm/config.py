@@ -1,0 +1,244 @@
+"""Experiment configuration: ml_collections at the edge, frozen dataclasses inside.
+
+`configs/*.py` return a ConfigDict; `from_configdict` converts it ONCE into an
+`ExperimentConfig` of validated frozen dataclasses. An unknown key or a bad
+value raises a ValueError naming the dotted field and the valid choices.
+Library code never reads a ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Optional, Union
+
+from jaxrl_llm.checkpoint import CheckpointConfig
+from jaxrl_llm.data.pipeline import DataConfig
+from jaxrl_llm.optim import OptimConfig
+from jaxrl_llm.rl.config import PRESETS, RLConfig
+from jaxrl_llm.sharding import MeshConfig
+
+KINDS = ("sft", "rl", "dpo", "reward_model", "online_dpo")
+MODEL_SOURCES = ("builtin", "hf")
+NAN_POLICIES = ("skip", "stop")
+# Built-in model sizes (vocab comes from the tokenizer). "tiny" learns the
+# arithmetic task on a laptop CPU in minutes; "nano" is for unit tests.
+BUILTIN_MODELS = {
+    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                 intermediate_size=384, family="qwen3", head_dim=32, qk_norm=True,
+                 rope_theta=10000.0, tie_embeddings=True, max_position_embeddings=256),
+    "nano": dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                 intermediate_size=64, family="llama", rope_theta=10000.0,
+                 tie_embeddings=True, max_position_embeddings=128),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Where the model comes from and its numerics."""
+  source: str = "builtin"       # builtin | hf
+  builtin: str = "tiny"         # a key of BUILTIN_MODELS
+  path: str = ""                # HF checkpoint directory (config.json + safetensors)
+  dtype: str = "float32"        # compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"
+  attention_impl: str = "auto"
+
+  def __post_init__(self):
+    if self.source not in MODEL_SOURCES:
+      raise ValueError(f"model.source={self.source!r}; choose one of {MODEL_SOURCES}")
+    if self.source == "builtin" and self.builtin not in BUILTIN_MODELS:
+      raise ValueError(f"model.builtin={self.builtin!r}; choose one of {tuple(BUILTIN_MODELS)}")
+    if self.source == "hf" and not self.path:
+      raise ValueError("model.path is required when model.source='hf' (a directory with "
+                       "config.json and *.safetensors)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+  """Weighted reward components by name (see `jaxrl_llm.rewards.registry`)."""
+  components: tuple[tuple[str, float], ...] = (("correct", 1.0),)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every_steps: int = 0          # 0: only at the start and the end
+  num_examples: int = 256       # held-out examples (test split)
+  batch_size: int = 128
+  max_new_tokens: int = 16
+
+  def __post_init__(self):
+    if self.num_examples < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
+      raise ValueError(f"eval: num_examples >= 0, batch_size >= 1 and max_new_tokens >= 1 "
+                       f"required, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTWarmstart:
+  """An SFT stage run before RL when no checkpoint and no init_from is given."""
+  num_steps: int = 0            # 0: no warm-start stage
+  learning_rate: float = 3e-3
+  batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+  num_steps: int = 100
+  log_every: int = 10
+  microbatches: int = 1         # gradient accumulation (SFT / preference steps)
+  nan_policy: str = "skip"      # skip the update and count it, or stop
+  init_from: str = ""           # workdir of an earlier run: start from its latest params
+  progress: bool = True
+  sft_warmstart: SFTWarmstart = SFTWarmstart()
+  split_mode: bool = False      # RL: rollout jit -> host rewards -> update jit
+
+  def __post_init__(self):
+    if self.num_steps < 0:
+      raise ValueError(f"trainer.num_steps must be >= 0, got {self.num_steps}")
+    if self.log_every < 1:
+      raise ValueError(f"trainer.log_every must be >= 1, got {self.log_every}")
+    if self.microbatches < 1:
+      raise ValueError(f"trainer.microbatches must be >= 1, got {self.microbatches}")
+    if self.nan_policy not in NAN_POLICIES:
+      raise ValueError(f"trainer.nan_policy={self.nan_policy!r}; choose one of {NAN_POLICIES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  kind: str = "rl"
+  seed: int = 0
+  model: ModelSpec = ModelSpec()
+  data: DataConfig = DataConfig()
+  eval: EvalConfig = EvalConfig()
+  optim: OptimConfig = OptimConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  rl: RLConfig = RLConfig()
+  reward: RewardSpec = RewardSpec()
+  trainer: TrainerConfig = TrainerConfig()
+  preference: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"kind={self.kind!r}; choose one of {KINDS}")
+
+
+# ---------------------------------------------------------------------------
+# Conversion.
+# ---------------------------------------------------------------------------
+def _convert(tp, value, path):
+  origin = typing.get_origin(tp)
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    return from_dict(tp, value, path)
+  if origin in (Union, types.UnionType):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None:
+      return None
+    return _convert(args[0], value, path) if len(args) == 1 else value
+  if origin is tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+      raise ValueError(f"{path} must be a sequence, got {value!r}")
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp is dict or origin is dict:
+    return dict(_to_plain(value))
+  return value
+
+
+def _to_plain(value):
+  if hasattr(value, "to_dict"):
+    return value.to_dict()
+  return value
+
+
+def from_dict(cls, data, path: str = "config"):
+  """Build dataclass `cls` from a mapping, recursively, with clear errors."""
+  data = _to_plain(data)
+  if not isinstance(data, dict):
+    raise ValueError(f"{path} must be a mapping of fields for {cls.__name__}, got {data!r}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  data = dict(data)
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise ValueError(f"{path}: unknown field(s) {unknown}; valid fields are {sorted(fields)}")
+  hints = typing.get_type_hints(cls)
+  kwargs = {k: _convert(hints[k], v, f"{path}.{k}") for k, v in data.items()}
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}") from e
+
+
+def from_configdict(config: Any) -> ExperimentConfig:
+  """Convert a (possibly locked) ml_collections ConfigDict into an ExperimentConfig."""
+  return from_dict(ExperimentConfig, config, "config")
+
+
+def to_dict(cfg: Any) -> Any:
+  """JSON-friendly snapshot of a config (stored with every checkpoint)."""
+  if dataclasses.is_dataclass(cfg):
+    return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+  if isinstance(cfg, (tuple, list)):
+    return [to_dict(v) for v in cfg]
+  if isinstance(cfg, dict):
+    return {k: to_dict(v) for k, v in cfg.items()}
+  return cfg
+
+
+def default_configdict(rl_preset: Optional[str] = None, **overrides):
+  """An ml_collections ConfigDict holding every field at its default.
+
+  Config files start from this and set what their recipe needs; field
+  comments live on the dataclasses (ModelSpec, DataConfig, RLConfig, ...).
+  `rl_preset` fills the rl section from `jaxrl_llm.rl.config.PRESETS` first,
+  so that any later assignment in the config file (or a --config.rl.x flag)
+  overrides the preset.
+  """
+  import ml_collections
+  tree = to_dict(ExperimentConfig())
+  if rl_preset is not None:
+    if rl_preset not in PRESETS:
+      raise ValueError(f"rl_preset={rl_preset!r}; choose one of {tuple(PRESETS)}")
+    tree["rl"] = to_dict(RLConfig(**PRESETS[rl_preset]))
+  tree["mesh"].pop("rules")  # the default rules; set mesh.rules to override
+  for key, value in overrides.items():
+    tree[key] = value
+  return ml_collections.ConfigDict(_tuples(tree))
+
+
+def _tuples(tree):
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_tuples(v) for v in tree)
+  return tree
+
+
+def parse_arg(arg: Optional[str], **defaults) -> dict:
+  """`--config=configs/x.py:steps=10,tiny=true` -> dict over `defaults` (typed)."""
+  out = dict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    key, _, value = item.partition("=")
+    if key not in out:
+      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(out)}")
+    if isinstance(defaults[key], bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = type(defaults[key])(value)
+  return out
+
+
+def builtin_model_config(spec: ModelSpec, vocab_size: int):
+  from jaxrl_llm.models.config import ModelConfig
+  return ModelConfig(vocab_size=vocab_size, dtype=spec.dtype, param_dtype=spec.param_dtype,
+                     remat=spec.remat, attention_impl=spec.attention_impl,
+                     **BUILTIN_MODELS[spec.builtin])

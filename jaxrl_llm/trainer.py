@@ -1,0 +1,373 @@
+"""Training runs: build everything from an `ExperimentConfig`, then loop.
+
+`run(cfg, workdir)` is what `launch/train.py` calls and what a notebook can
+call. A run resumes from `<workdir>/checkpoints` when a checkpoint is there,
+saves at intervals and on SIGTERM, writes metrics to JSONL + TensorBoard, and
+returns the final evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxrl_llm import config as config_lib
+from jaxrl_llm import optim, sharding
+from jaxrl_llm.checkpoint import Checkpointer, PreemptionGuard
+from jaxrl_llm.data import tasks
+from jaxrl_llm.data.builders import load_split
+from jaxrl_llm.data.pipeline import DataIterator
+from jaxrl_llm.metrics import AsyncMetrics, MetricWriter, NonFiniteError, NonFiniteGuard, Progress
+from jaxrl_llm.models import decoder
+from jaxrl_llm.rewards import registry
+from jaxrl_llm.rl import rl_step as rl_lib
+from jaxrl_llm.sampling import sample
+from jaxrl_llm.sft import sft_step
+from jaxrl_llm.tokenizers import load_tokenizer
+from jaxrl_llm.train_state import create_train_state
+
+HOST_COMPONENTS = ("countdown", "math")
+
+
+def _say(msg: str) -> None:
+  """Progress messages a user should see (process 0 only)."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+  logging.info(msg)
+
+
+# ---------------------------------------------------------------------------
+# Model, params and evaluation.
+# ---------------------------------------------------------------------------
+def model_config(cfg: config_lib.ExperimentConfig, tokenizer):
+  spec = cfg.model
+  if spec.source == "builtin":
+    return config_lib.builtin_model_config(spec, tokenizer.vocab_size)
+  from jaxrl_llm.models import hf
+  with open(os.path.join(spec.path, "config.json")) as f:
+    import json
+    model_cfg = hf.config_from_hf(json.load(f))
+  model_cfg = model_cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype,
+                                remat=spec.remat, attention_impl=spec.attention_impl)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab "
+                     f"{model_cfg.vocab_size}: data.tokenizer does not belong to {spec.path}")
+  return model_cfg
+
+
+def _abstract_params(model_cfg, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      decoder.param_shapes(model_cfg), shardings)
+
+
+def initial_params(cfg: config_lib.ExperimentConfig, workdir: str, model_cfg, param_shardings):
+  """The starting weights (also the RL reference): init_from, SFT warm-start, HF, or None."""
+  if cfg.trainer.init_from:
+    _say(f"Initialising params from {cfg.trainer.init_from}")
+    return Checkpointer(cfg.trainer.init_from, create=False).restore_params(
+        _abstract_params(model_cfg, param_shardings))
+  ws = cfg.trainer.sft_warmstart
+  if cfg.kind != "sft" and ws.num_steps > 0:
+    sft_dir = os.path.join(workdir, "sft_warmstart")
+    _say(f"Stage 1: SFT warm-start for {ws.num_steps} steps in {sft_dir}")
+    run(sft_warmstart_config(cfg), sft_dir)
+    _say("Stage 2: " + cfg.kind.upper())
+    return Checkpointer(sft_dir, create=False).restore_params(
+        _abstract_params(model_cfg, param_shardings))
+  if cfg.model.source == "hf":
+    from jaxrl_llm.models import hf
+    _, params = hf.load_hf(cfg.model.path, dtype=cfg.model.dtype,
+                           param_dtype=cfg.model.param_dtype, shardings=param_shardings)
+    return params
+  return None
+
+
+def sft_warmstart_config(cfg: config_lib.ExperimentConfig) -> config_lib.ExperimentConfig:
+  ws = cfg.trainer.sft_warmstart
+  return dataclasses.replace(
+      cfg, kind="sft",
+      optim=optim.OptimConfig(learning_rate=ws.learning_rate, schedule="cosine",
+                              warmup_steps=min(100, ws.num_steps // 10),
+                              total_steps=ws.num_steps, end_lr_ratio=0.1, weight_decay=0.0),
+      data=dataclasses.replace(cfg.data, batch_size=ws.batch_size),
+      eval=dataclasses.replace(cfg.eval, every_steps=0),
+      trainer=dataclasses.replace(cfg.trainer, num_steps=ws.num_steps, init_from="",
+                                  sft_warmstart=config_lib.SFTWarmstart()),
+      checkpoint=dataclasses.replace(cfg.checkpoint,
+                                     save_interval_steps=max(ws.num_steps // 2, 1)))
+
+
+def _is_correct(example: dict, text: str) -> bool:
+  if example.get("task") in tasks.TASKS:
+    return tasks.is_correct(example, text)
+  from jaxrl_llm.rewards import host
+  return host.math_equal(host.extract_answer(text), str(example.get("answer", "")))
+
+
+class Evaluator:
+  """Held-out accuracy on the test split: greedy, and sampled at the RL temperature.
+
+  Correctness is checked on the host on decoded text (the task's verifier, or
+  math answer equivalence for file datasets). "eval/accuracy" is greedy;
+  "eval/sample_accuracy" is pass@1 of one sample per prompt at temperature
+  `rl.temperature`, the quantity the RL objective raises.
+  """
+
+  def __init__(self, cfg: config_lib.ExperimentConfig, model_cfg, tokenizer, mesh, workdir):
+    self.examples = list(load_split(cfg.data, "test", workdir=workdir))[:cfg.eval.num_examples]
+    self.tokenizer = tokenizer
+    self.mesh = mesh
+    self.data_cfg = dataclasses.replace(cfg.data, batch_size=min(cfg.eval.batch_size,
+                                                                 max(len(self.examples), 1)))
+    common = dict(max_new_tokens=cfg.eval.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
+                  pad_id=tokenizer.pad_id)
+    self.modes = {
+        "": jax.jit(functools.partial(sample, model_cfg, greedy=True, **common)),
+        "sample_": jax.jit(functools.partial(sample, model_cfg, temperature=cfg.rl.temperature,
+                                             **common)),
+    }
+
+  def __call__(self, params) -> dict[str, float]:
+    if not self.examples:
+      return {}
+    results = {}
+    for prefix, gen in self.modes.items():
+      it = DataIterator(self.data_cfg, "test", mode="rl", tokenizer=self.tokenizer,
+                        examples=self.examples, num_epochs=1, drop_remainder=False,
+                        shuffle=False)
+      correct, lengths, finished = [], [], []
+      for n_batch, batch in enumerate(it):
+        ids = sharding.to_host(sharding.shard_batch(batch["prompt_id"], self.mesh))
+        dev = sharding.shard_batch({k: batch[k] for k in ("prompt_tokens", "prompt_mask")},
+                                   self.mesh)
+        out = sharding.to_host(gen(params, dev["prompt_tokens"], dev["prompt_mask"],
+                                   jax.random.key(n_batch)))
+        for row, i in enumerate(ids):
+          if i < 0:
+            continue
+          n = int(out.lengths_B[row])
+          text = self.tokenizer.decode([int(t) for t in out.tokens_BL[row, :n]])
+          correct.append(bool(out.finished_B[row]) and _is_correct(self.examples[i], text))
+          lengths.append(n)
+          finished.append(bool(out.finished_B[row]))
+      results[f"eval/{prefix}accuracy"] = float(np.mean(correct))
+      results[f"eval/{prefix}response_length"] = float(np.mean(lengths))
+      results[f"eval/{prefix}finished"] = float(np.mean(finished))
+    results["eval/num_examples"] = float(len(self.examples))
+    return results
+
+
+def summary_table(before: dict, after: dict, steps: int, kind: str) -> str:
+  """A before/after table of the held-out metrics."""
+  rows = [f"{'held-out metric':<28}{'before':>10}{'after ' + str(steps) + ' ' + kind:>18}"]
+  for key in sorted(after):
+    if key in before and key != "eval/num_examples":
+      rows.append(f"{key:<28}{before[key]:>10.3f}{after[key]:>18.3f}")
+  rule = "-" * len(rows[0])
+  return "\n".join([rule, rows[0], rule, *rows[1:], rule])
+
+
+# ---------------------------------------------------------------------------
+# The loop shared by every kind of run.
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+  cfg: config_lib.ExperimentConfig
+  workdir: str
+  mesh: Any
+  model_cfg: Any
+  tokenizer: Any
+  tx: Any
+  state: Any
+  state_shardings: Any
+  iterator: DataIterator
+  step_fn: Callable       # (state, batch, rng) -> (state, metrics)
+  tokens_key: str         # the metric that counts a step's tokens
+  evaluate: Optional[Callable] = None
+
+
+def _loop(r: Run) -> dict[str, float]:
+  cfg = r.cfg
+  num_steps = cfg.trainer.num_steps
+  ckpt = Checkpointer(r.workdir, cfg.checkpoint)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          r.state)
+  restored = ckpt.restore(abstract)
+  state = r.state
+  if restored is not None:
+    state, extra = restored
+    r.iterator.set_state(extra["data"])
+    _say(f"Resuming from step {int(state.step)} (checkpoint in {ckpt.directory})")
+  step = int(state.step)
+  writer = MetricWriter(r.workdir)
+  rng = jax.random.key(cfg.seed)
+  final: dict[str, float] = {}
+  if step >= num_steps:
+    _say(f"Run already complete ({step}/{num_steps} steps) in {r.workdir}")
+    writer.close()
+    ckpt.close()
+    return final
+
+  start_file = os.path.join(r.workdir, "eval_start.json")
+  if step == 0 and r.evaluate is not None:
+    first = r.evaluate(state.params)
+    writer.write(0, first)
+    if jax.process_index() == 0 and "://" not in start_file:
+      with open(start_file, "w") as f:
+        json.dump(first, f)
+    _say("step 0: " + ", ".join(f"{k}={v:.4g}" for k, v in first.items()))
+  progress = Progress(num_steps, show=("loss/nll", "loss/policy", "reward/mean",
+                                       "rl/accuracy", "pref/accuracy", "eval/accuracy"),
+                      log_fn=_say) if cfg.trainer.progress else None
+  guard = NonFiniteGuard(cfg.trainer.nan_policy)
+  pending = AsyncMetrics()
+  preempt = PreemptionGuard()
+  preempt.install()
+  extra_fn = lambda: {"data": r.iterator.get_state(), "config": config_lib.to_dict(cfg)}
+
+  def handle(item):
+    prev_step, host = item
+    host["time/step_seconds"] = time.perf_counter() - handle.last_time
+    handle.last_time = time.perf_counter()
+    try:
+      guard.check(host, step=prev_step)
+    except NonFiniteError:
+      ckpt.save(int(state.step), state, extra=extra_fn(), force=True)
+      ckpt.wait()
+      _say(f"Stopped on non-finite metrics at step {prev_step}; the last good state is "
+           f"saved in {ckpt.directory}")
+      raise
+    if prev_step % cfg.trainer.log_every == 0 or prev_step == num_steps:
+      writer.write(prev_step, host)
+    if progress is not None:
+      progress.update(prev_step, tokens=host.get(r.tokens_key, 0.0), metrics=host)
+  handle.last_time = time.perf_counter()
+
+  try:
+    while step < num_steps:
+      batch = sharding.shard_batch(next(r.iterator), r.mesh)
+      state, metrics = r.step_fn(state, batch, rng)
+      step += 1
+      item = pending.push(step, metrics)
+      if item is not None:
+        handle(item)
+      evaluate_now = (r.evaluate is not None and cfg.eval.every_steps
+                      and step % cfg.eval.every_steps == 0 and step < num_steps)
+      if evaluate_now:
+        ev = r.evaluate(state.params)
+        writer.write(step, ev)
+        _say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+      ckpt.save(step, state, extra=extra_fn())
+      if preempt.should_stop(step):
+        ckpt.save(step, state, extra=extra_fn(), force=True)
+        ckpt.wait()
+        _say(f"Preempted: saved step {step} to {ckpt.directory}; rerun with the same "
+             "--workdir to resume")
+        return {}
+    item = pending.flush()
+    if item is not None:
+      handle(item)
+    if progress is not None:
+      progress.close()
+    ckpt.save(step, state, extra=extra_fn(), force=True)
+    if r.evaluate is not None:
+      final = r.evaluate(state.params)
+      writer.write(step, final)
+      _say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
+      if os.path.exists(start_file):
+        with open(start_file) as f:
+          _say(summary_table(json.load(f), final, num_steps, cfg.kind))
+  finally:
+    preempt.uninstall()
+    writer.close()
+    ckpt.wait()
+    ckpt.close()
+  return final
+
+
+# ---------------------------------------------------------------------------
+# Kinds of runs.
+# ---------------------------------------------------------------------------
+def _common(cfg: config_lib.ExperimentConfig, workdir: str, mode: str, extra_fn=dict):
+  mesh = sharding.make_mesh(cfg.mesh)
+  _say(f"jaxrl_llm {cfg.kind}: {jax.device_count()} devices "
+       f"({jax.devices()[0].platform}), {jax.process_count()} process(es), mesh "
+       f"{dict(mesh.shape)}, workdir {workdir}")
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  model_cfg = model_config(cfg, tokenizer)
+  from jaxrl_llm.train_state import param_shardings
+  p_sh = param_shardings(model_cfg, mesh, cfg.mesh.rules)
+  params = initial_params(cfg, workdir, model_cfg, p_sh)
+  tx = optim.make_optimizer(cfg.optim)
+  state, shardings = create_train_state(model_cfg, tx, jax.random.key(cfg.seed), mesh,
+                                        cfg.mesh.rules, params=params, extra_fn=extra_fn)
+  _say(f"model: {model_cfg.family}, {model_cfg.num_params() / 1e6:.2f}M params, "
+       f"{model_cfg.num_layers} layers, d={model_cfg.hidden_size}")
+  iterator = DataIterator(cfg.data, "train", mode=mode, tokenizer=tokenizer, workdir=workdir)
+  evaluate = None
+  if cfg.data.kind == "prompt" and cfg.eval.num_examples > 0:
+    evaluate = Evaluator(cfg, model_cfg, tokenizer, mesh, workdir)
+  return mesh, tokenizer, model_cfg, tx, state, shardings, iterator, evaluate
+
+
+def run_sft(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(cfg, workdir, "sft")
+  step = functools.partial(sft_step, cfg=model_cfg, tx=tx, microbatches=cfg.trainer.microbatches,
+                           mesh=mesh, rules=cfg.mesh.rules)
+  step_fn = jax.jit(step, in_shardings=(sh, None, None), out_shardings=(sh, None),
+                    donate_argnums=(0,))
+  return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
+                   "train/tokens", evaluate))
+
+
+def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  rl = cfg.rl
+  if rl.length_shaping == "hapo" and rl.hapo_num_prompts < cfg.data.num_train:
+    raise ValueError(f"rl.hapo_num_prompts={rl.hapo_num_prompts} must cover every training "
+                     f"prompt id (data.num_train={cfg.data.num_train})")
+  mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(
+      cfg, workdir, "rl", extra_fn=lambda: rl_lib.init_rl_extra(rl))
+  names = [n for n, _ in cfg.reward.components]
+  host_needed = any(n in HOST_COMPONENTS for n in names)
+  examples = list(load_split(cfg.data, "train", workdir=workdir)) if (
+      host_needed or cfg.trainer.split_mode) else None
+  reward_fn = registry.build_reward_fn(cfg.reward.components, tok, examples=examples)
+  step = rl_lib.RLStep(model_cfg, rl, tx, reward_fn, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       mesh=mesh, rules=cfg.mesh.rules,
+                       skip_nonfinite=True)
+  ref_params = None
+  if rl.needs_reference:
+    # The reference is the starting policy: copy it before the state is donated.
+    ref_params = jax.tree.map(jnp.copy, state.params)
+  if cfg.trainer.split_mode:
+    split = rl_lib.make_split_step(step, host_reward=registry.host_scorer(
+        cfg.reward.components, tok, examples))
+    step_fn = lambda s, b, r: split(s, b, r, ref_params)
+  else:
+    jitted = rl_lib.jit_rl_step(step, sh, None, sh.params if ref_params is not None else None)
+    step_fn = lambda s, b, r: jitted(s, b, r, ref_params)
+  return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
+                   "rl/completion_tokens", evaluate))
+
+
+RUNNERS: dict[str, Callable[[config_lib.ExperimentConfig, str], dict]] = {
+    "sft": run_sft,
+    "rl": run_rl,
+}
+
+
+def run(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  """Run (or resume) the experiment in `workdir`; returns final eval metrics."""
+  if cfg.kind not in RUNNERS:
+    raise ValueError(f"kind={cfg.kind!r} has no runner; choose one of {tuple(RUNNERS)}")
+  os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+  return RUNNERS[cfg.kind](cfg, workdir)
