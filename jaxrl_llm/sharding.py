@@ -340,13 +340,16 @@ def distributed_init_args(env: Mapping[str, str], mode: str = "auto") -> Optiona
 
 def maybe_initialize_distributed(mode: str = "auto",
                                  env: Optional[Mapping[str, str]] = None) -> bool:
-  """`jax.distributed.initialize` per `distributed_init_args`; True if it ran.
+  """`jax.distributed.initialize` per `distributed_init_args`; True if this call ran it.
 
   Call it first thing, before any other JAX call touches a device.
   """
   import os
   kwargs = distributed_init_args(os.environ if env is None else env, mode)
   if kwargs is None:
+    return False
+  is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
+  if is_initialized():  # e.g. a second run in the same process
     return False
   jax.distributed.initialize(**kwargs)
   return True

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from jaxrl_llm import config as config_lib
-from jaxrl_llm import optim, sharding
+from jaxrl_llm import memory, optim, sharding
 from jaxrl_llm.checkpoint import Checkpointer, PreemptionGuard
 from jaxrl_llm.data import tasks
 from jaxrl_llm.data.builders import load_split
@@ -96,7 +96,7 @@ def sft_warmstart_config(cfg: config_lib.ExperimentConfig) -> config_lib.Experim
   return dataclasses.replace(
       cfg, kind="sft",
       optim=optim.OptimConfig(learning_rate=ws.learning_rate, schedule="cosine",
-                              warmup_steps=min(100, ws.num_steps // 10),
+                              warmup_steps=min(100, ws.num_steps // 4),
                               total_steps=ws.num_steps, end_lr_ratio=0.1, weight_decay=0.0),
       data=dataclasses.replace(cfg.data, batch_size=ws.batch_size),
       eval=dataclasses.replace(cfg.eval, every_steps=0),
@@ -304,6 +304,11 @@ def _common(cfg: config_lib.ExperimentConfig, workdir: str, mode: str, extra_fn=
        f"{dict(mesh.shape)}, workdir {workdir}")
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   model_cfg = model_config(cfg, tokenizer)
+  plan = memory.plan_for_experiment(cfg, model_cfg, jax.device_count())
+  _say(plan.table())
+  device_bytes = memory.device_memory_bytes()
+  if device_bytes:
+    memory.check_fits(plan, device_bytes)  # refuse a plan that cannot fit, with the numbers
   from jaxrl_llm.train_state import param_shardings
   p_sh = param_shardings(model_cfg, mesh, cfg.mesh.rules)
   params = initial_params(cfg, workdir, model_cfg, p_sh)

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import testing
-from jaxrl_llm.models import (ModelConfig, forward, forward_with_cache, hidden_states,
-                              init_cache, param_logical_axes, param_shapes, token_logprobs)
+from jaxrl_llm.models import (
+  ModelConfig,
+  forward,
+  forward_with_cache,
+  hidden_states,
+  init_cache,
+  param_logical_axes,
+  param_shapes,
+  token_logprobs,
+)
 from jaxrl_llm.models.decoder import positions_from_segments
 
 

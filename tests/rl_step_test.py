@@ -55,7 +55,7 @@ def test_eight_devices_equal_one_device_and_no_recompilation():
                              kl_coef=0.05)
   s1, m1, _ = run_steps(rl, (1, 1, 1), n=2)
   s8, m8, fn = run_steps(rl, (2, 2, 2), n=3)
-  assert fn._cache_size() == 1  # three steps, one compilation
+  assert fn.jitted._cache_size() == 1  # three steps, one compilation
   s8b, m8b, _ = run_steps(rl, (2, 2, 2), n=2)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
                s1.params, s8b.params)

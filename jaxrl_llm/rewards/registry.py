@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm.rewards import verifiers

@@ -140,12 +140,19 @@ class RLStep:
     return RewardInputs(ro["prompt_tokens"], ro["prompt_mask"], ro["completion"],
                         ro["completion_mask"], ro["finished"], task)
 
-  def score(self, ro) -> tuple[jax.Array, dict, Optional[jax.Array]]:
-    """In-graph rewards of the rollout: (rewards_B, components, baseline_B)."""
-    rewards_B, comps = self.reward_fn(self.reward_inputs(ro))
+  def score(self, ro, reward_params=None) -> tuple[jax.Array, dict, Optional[jax.Array]]:
+    """In-graph rewards of the rollout: (rewards_B, components, baseline_B).
+
+    With `reward_params` (e.g. a reward model's weights, passed traced into
+    the step rather than baked in as constants) the reward function is called
+    as reward_fn(inputs, reward_params).
+    """
+    call = (self.reward_fn if reward_params is None
+            else lambda inputs: self.reward_fn(inputs, reward_params))
+    rewards_B, comps = call(self.reward_inputs(ro))
     baseline_B = None
     if self.rl.advantage == "remax":
-      baseline_R, _ = self.reward_fn(self.reward_inputs(ro, baseline=True))
+      baseline_R, _ = call(self.reward_inputs(ro, baseline=True))
       baseline_B = jnp.repeat(baseline_R, self.rl.group_size)
     return rewards_B, dict(comps), baseline_B
 
@@ -333,7 +340,7 @@ class RLStep:
     return new_state, metrics
 
   # ------------------------------------------------------------------ STEP
-  def __call__(self, state: TrainState, batch, rng, ref_params=None):
+  def __call__(self, state: TrainState, batch, rng, ref_params=None, reward_params=None):
     """One full RL step (the one-jit mode): every stage in one graph."""
     if self.reward_fn is None:
       raise ValueError("the one-jit step needs an in-graph reward_fn; use make_split_step "
@@ -342,17 +349,28 @@ class RLStep:
       rng = jax.random.fold_in(rng, state.step)
       rollout_rng, update_rng = jax.random.split(rng)
       ro = self.rollout(state.params, batch, rollout_rng, state.step)
-      rewards_B, comps, baseline_B = self.score(ro)
+      rewards_B, comps, baseline_B = self.score(ro, reward_params)
       return self.learn(state, ro, rewards_B, comps, update_rng, ref_params, baseline_B)
 
 
-def jit_rl_step(step: RLStep, state_shardings, batch_sharding=None, ref_shardings=None):
-  """jax.jit with explicit shardings; the state (argument 0) is donated."""
+def jit_rl_step(step: RLStep, state_shardings, batch_sharding=None, ref_shardings=None,
+                reward_shardings=None):
+  """jax.jit with explicit shardings; the state (argument 0) is donated.
+
+  Call as run(state, batch, rng, ref_params, reward_params): pass None for a
+  reference or reward model the configuration does not use.
+  """
   rep = None if step.mesh is None else sharding.replicated(step.mesh)
-  return jax.jit(step.__call__,
-                 in_shardings=(state_shardings, batch_sharding, rep, ref_shardings),
-                 out_shardings=(state_shardings, rep),
-                 donate_argnums=(0,))
+  jitted = jax.jit(step.__call__,
+                   in_shardings=(state_shardings, batch_sharding, rep, ref_shardings,
+                                 reward_shardings),
+                   out_shardings=(state_shardings, rep),
+                   donate_argnums=(0,))
+
+  def run(state, batch, rng, ref_params=None, reward_params=None):
+    return jitted(state, batch, rng, ref_params, reward_params)
+  run.jitted = jitted  # e.g. run.jitted._cache_size(): compilations so far
+  return run
 
 
 def make_split_step(step: RLStep, state_shardings=None, host_reward: Optional[Callable] = None):
