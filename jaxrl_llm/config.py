@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 from jaxrl_llm.checkpoint import CheckpointConfig
 from jaxrl_llm.data.pipeline import DataConfig
 from jaxrl_llm.optim import OptimConfig
+from jaxrl_llm.preference.online import OnlineDPOConfig
+from jaxrl_llm.preference.step import PreferenceConfig
 from jaxrl_llm.rl.config import PRESETS, RLConfig
 from jaxrl_llm.sharding import MeshConfig
 
@@ -83,6 +85,22 @@ class SFTWarmstart:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardModelConfig:
+  """Bradley–Terry reward model: K heads on a shared trunk (an ensemble when K > 1)."""
+  num_heads: int = 1
+  aggregation: str = "mean"     # mean | worst_case | uncertainty_weighted
+  lam: float = 0.1              # uncertainty_weighted: mean − λ·variance
+
+  def __post_init__(self):
+    if self.num_heads < 1:
+      raise ValueError(f"reward_model.num_heads must be >= 1, got {self.num_heads}")
+    aggregations = ("mean", "worst_case", "uncertainty_weighted")
+    if self.aggregation not in aggregations:
+      raise ValueError(f"reward_model.aggregation={self.aggregation!r}; choose one of "
+                       f"{aggregations}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainerConfig:
   num_steps: int = 100
   log_every: int = 10
@@ -117,7 +135,9 @@ class ExperimentConfig:
   rl: RLConfig = RLConfig()
   reward: RewardSpec = RewardSpec()
   trainer: TrainerConfig = TrainerConfig()
-  preference: dict = dataclasses.field(default_factory=dict)
+  preference: PreferenceConfig = PreferenceConfig()   # kind "dpo"
+  online: OnlineDPOConfig = OnlineDPOConfig()         # kind "online_dpo"
+  reward_model: RewardModelConfig = RewardModelConfig()  # kind "reward_model"
 
   def __post_init__(self):
     if self.kind not in KINDS:

@@ -107,8 +107,12 @@ def sft_warmstart_config(cfg: config_lib.ExperimentConfig) -> config_lib.Experim
 
 
 def _is_correct(example: dict, text: str) -> bool:
+  """Held-out correctness of a decoded completion (task verifier, rule, or math)."""
   if example.get("task") in tasks.TASKS:
     return tasks.is_correct(example, text)
+  if "chosen" in example:  # the synthetic preference task: does it follow the rule?
+    from jaxrl_llm.data.builders import follows_arithmetic_rule
+    return follows_arithmetic_rule(example["prompt"], text)
   from jaxrl_llm.rewards import host
   return host.math_equal(host.extract_answer(text), str(example.get("answer", "")))
 
@@ -116,18 +120,32 @@ def _is_correct(example: dict, text: str) -> bool:
 class Evaluator:
   """Held-out accuracy on the test split: greedy, and sampled at the RL temperature.
 
-  Correctness is checked on the host on decoded text (the task's verifier, or
-  math answer equivalence for file datasets). "eval/accuracy" is greedy;
-  "eval/sample_accuracy" is pass@1 of one sample per prompt at temperature
-  `rl.temperature`, the quantity the RL objective raises.
+  Correctness is checked on the host on decoded text (the task's verifier,
+  the preference task's rule, or math answer equivalence for file datasets).
+  "eval/accuracy" is greedy; "eval/sample_accuracy" is pass@1 of one sample
+  per prompt at temperature `rl.temperature`, the quantity RL raises.
   """
 
   def __init__(self, cfg: config_lib.ExperimentConfig, model_cfg, tokenizer, mesh, workdir):
-    self.examples = list(load_split(cfg.data, "test", workdir=workdir))[:cfg.eval.num_examples]
-    self.tokenizer = tokenizer
-    self.mesh = mesh
-    self.data_cfg = dataclasses.replace(cfg.data, batch_size=min(cfg.eval.batch_size,
-                                                                 max(len(self.examples), 1)))
+    examples = list(load_split(cfg.data, "test", workdir=workdir))[:cfg.eval.num_examples]
+    self.tokenizer, self.mesh = tokenizer, mesh
+    P = cfg.data.max_prompt_len
+    self.examples, rows = [], []
+    for ex in examples:  # left-padded prompts; over-long ones are skipped
+      ids = tokenizer.encode(cfg.data.prompt_template.format(prompt=ex["prompt"]),
+                             add_bos=cfg.data.add_bos and tokenizer.bos_id is not None)
+      if 0 < len(ids) <= P:
+        self.examples.append(ex)
+        rows.append(ids)
+    bs = min(cfg.eval.batch_size, max(len(rows), 1))
+    bs = -(-bs // jax.device_count()) * jax.device_count()
+    n = -(-len(rows) // bs) * bs
+    self.tokens = np.full((n, P), tokenizer.pad_id, np.int32)
+    self.mask = np.zeros((n, P), np.int32)
+    for i, ids in enumerate(rows):
+      self.tokens[i, P - len(ids):], self.mask[i, P - len(ids):] = ids, 1
+    self.mask[len(rows):, -1] = 1  # padding rows: one dummy token, ignored
+    self.batch_size = bs
     common = dict(max_new_tokens=cfg.eval.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
                   pad_id=tokenizer.pad_id)
     self.modes = {
@@ -141,19 +159,15 @@ class Evaluator:
       return {}
     results = {}
     for prefix, gen in self.modes.items():
-      it = DataIterator(self.data_cfg, "test", mode="rl", tokenizer=self.tokenizer,
-                        examples=self.examples, num_epochs=1, drop_remainder=False,
-                        shuffle=False)
       correct, lengths, finished = [], [], []
-      for n_batch, batch in enumerate(it):
-        ids = sharding.to_host(sharding.shard_batch(batch["prompt_id"], self.mesh))
-        dev = sharding.shard_batch({k: batch[k] for k in ("prompt_tokens", "prompt_mask")},
-                                   self.mesh)
-        out = sharding.to_host(gen(params, dev["prompt_tokens"], dev["prompt_mask"],
-                                   jax.random.key(n_batch)))
-        for row, i in enumerate(ids):
-          if i < 0:
-            continue
+      for start in range(0, len(self.tokens), self.batch_size):
+        sl = slice(start, start + self.batch_size)
+        dev = sharding.shard_batch({"t": self.tokens[sl], "m": self.mask[sl]}, self.mesh)
+        out = sharding.to_host(gen(params, dev["t"], dev["m"], jax.random.key(start)))
+        for row in range(self.batch_size):
+          i = start + row
+          if i >= len(self.examples):
+            break
           n = int(out.lengths_B[row])
           text = self.tokenizer.decode([int(t) for t in out.tokens_BL[row, :n]])
           correct.append(bool(out.finished_B[row]) and _is_correct(self.examples[i], text))
@@ -225,8 +239,8 @@ def _loop(r: Run) -> dict[str, float]:
       with open(start_file, "w") as f:
         json.dump(first, f)
     _say("step 0: " + ", ".join(f"{k}={v:.4g}" for k, v in first.items()))
-  progress = Progress(num_steps, show=("loss/nll", "loss/policy", "reward/mean",
-                                       "rl/accuracy", "pref/accuracy", "eval/accuracy"),
+  progress = Progress(num_steps, show=("loss/nll", "loss/policy", "loss/total", "reward/mean",
+                                       "rl/accuracy", "pref/accuracy", "rm/accuracy"),
                       log_fn=_say) if cfg.trainer.progress else None
   guard = NonFiniteGuard(cfg.trainer.nan_policy)
   pending = AsyncMetrics()
@@ -319,7 +333,7 @@ def _common(cfg: config_lib.ExperimentConfig, workdir: str, mode: str, extra_fn=
        f"{model_cfg.num_layers} layers, d={model_cfg.hidden_size}")
   iterator = DataIterator(cfg.data, "train", mode=mode, tokenizer=tokenizer, workdir=workdir)
   evaluate = None
-  if cfg.data.kind == "prompt" and cfg.eval.num_examples > 0:
+  if cfg.eval.num_examples > 0 and cfg.data.kind in ("prompt", "preference"):
     evaluate = Evaluator(cfg, model_cfg, tokenizer, mesh, workdir)
   return mesh, tokenizer, model_cfg, tx, state, shardings, iterator, evaluate
 
@@ -364,9 +378,86 @@ def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
                    "rl/completion_tokens", evaluate))
 
 
+def run_dpo(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  """Offline preference optimisation (paired losses, or KTO on unpaired data)."""
+  from jaxrl_llm.preference import step as pref_lib
+  pref = dataclasses.replace(cfg.preference, microbatches=cfg.trainer.microbatches)
+  mode = "unpaired" if pref.unpaired else "preference"
+  mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(cfg, workdir, mode)
+  step = pref_lib.PreferenceStep(model_cfg, pref, tx, mesh=mesh, rules=cfg.mesh.rules)
+  ref_params = jax.tree.map(jnp.copy, state.params) if pref.needs_reference else None
+  jitted = pref_lib.jit_preference_step(step, sh, sh.params if ref_params is not None else None)
+  step_fn = lambda s, b, r: jitted(s, b, r, ref_params)
+  return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
+                   "pref/pairs", evaluate))
+
+
+def run_online_dpo(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  """Online DPO / SEA / DICE: sample, score with the reward components, pair, update."""
+  from jaxrl_llm.preference import online as online_lib
+  online = cfg.online
+  mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(cfg, workdir, "rl")
+  reward_fn = registry.build_reward_fn(cfg.reward.components, tok)
+  step = online_lib.OnlineDPOStep(model_cfg, online, tx, reward_fn, eos_id=tok.eos_id,
+                                  pad_id=tok.pad_id, mesh=mesh, rules=cfg.mesh.rules)
+  ref_params = (jax.tree.map(jnp.copy, state.params)
+                if online.preference.needs_reference else None)
+  jitted = online_lib.jit_online_dpo_step(step, sh,
+                                          sh.params if ref_params is not None else None)
+  step_fn = lambda s, b, r: jitted(s, b, r, ref_params, None)
+  return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
+                   "pref/pairs", evaluate))
+
+
+def run_reward_model(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  """Bradley–Terry reward model training; evaluates pair accuracy on the test split."""
+  from jaxrl_llm.preference import reward_model as rm_lib
+  rm = cfg.reward_model
+  mesh = sharding.make_mesh(cfg.mesh)
+  tok = load_tokenizer(cfg.data.tokenizer)
+  model_cfg = model_config(cfg, tok)
+  from jaxrl_llm.train_state import param_shardings
+  trunk = initial_params(cfg, workdir, model_cfg, param_shardings(model_cfg, mesh,
+                                                                  cfg.mesh.rules))
+  tx = optim.make_optimizer(cfg.optim)
+  state, sh = rm_lib.create_reward_model_state(model_cfg, tx, jax.random.key(cfg.seed), mesh,
+                                               cfg.mesh.rules, num_heads=rm.num_heads,
+                                               trunk_params=trunk)
+  step = rm_lib.RewardModelStep(model_cfg, tx, num_heads=rm.num_heads,
+                                aggregation=rm.aggregation, lam=rm.lam,
+                                microbatches=cfg.trainer.microbatches, mesh=mesh,
+                                rules=cfg.mesh.rules)
+  jitted = rm_lib.jit_reward_model_step(step, sh)
+  it = DataIterator(cfg.data, "train", mode="preference", tokenizer=tok, workdir=workdir)
+  test_cfg = dataclasses.replace(cfg.data, batch_size=min(cfg.eval.batch_size,
+                                                          cfg.eval.num_examples or 1))
+  test_examples = list(load_split(cfg.data, "test", workdir=workdir))[:cfg.eval.num_examples]
+  score = jax.jit(lambda params, b: step.pair_scores(params, b))
+
+  def evaluate(params):
+    chosen, rejected = [], []
+    for b in DataIterator(test_cfg, "test", mode="preference", tokenizer=tok,
+                          examples=test_examples, num_epochs=1, drop_remainder=True,
+                          shuffle=False):
+      c, r = score(params, sharding.shard_batch(b, mesh))
+      agg = lambda x: rm_lib.aggregate(x, rm.aggregation, lam=rm.lam)
+      chosen.append(np.asarray(agg(c)))
+      rejected.append(np.asarray(agg(r)))
+    if not chosen:
+      return {}
+    c, r = np.concatenate(chosen), np.concatenate(rejected)
+    return {"eval/pair_accuracy": float(np.mean(c > r)), "eval/margin": float(np.mean(c - r))}
+
+  return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it,
+                   lambda s, b, r: jitted(s, b, r), "rm/pairs", evaluate))
+
+
 RUNNERS: dict[str, Callable[[config_lib.ExperimentConfig, str], dict]] = {
     "sft": run_sft,
     "rl": run_rl,
+    "dpo": run_dpo,
+    "online_dpo": run_online_dpo,
+    "reward_model": run_reward_model,
 }
 
 
