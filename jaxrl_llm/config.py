@@ -90,6 +90,7 @@ class RewardModelConfig:
   num_heads: int = 1
   aggregation: str = "mean"     # mean | worst_case | uncertainty_weighted
   lam: float = 0.1              # uncertainty_weighted: mean − λ·variance
+  sft_coef: float = 0.0         # NLL on chosen answers as a regulariser (0: off)
 
   def __post_init__(self):
     if self.num_heads < 1:

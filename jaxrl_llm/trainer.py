@@ -98,7 +98,10 @@ def sft_warmstart_config(cfg: config_lib.ExperimentConfig) -> config_lib.Experim
       optim=optim.OptimConfig(learning_rate=ws.learning_rate, schedule="cosine",
                               warmup_steps=min(100, ws.num_steps // 4),
                               total_steps=ws.num_steps, end_lr_ratio=0.1, weight_decay=0.0),
-      data=dataclasses.replace(cfg.data, batch_size=ws.batch_size),
+      # Preference tasks warm-start on the underlying task's problems.
+      data=dataclasses.replace(
+          cfg.data, batch_size=ws.batch_size,
+          source="arithmetic" if cfg.data.source == "preference_arithmetic" else cfg.data.source),
       eval=dataclasses.replace(cfg.eval, every_steps=0),
       trainer=dataclasses.replace(cfg.trainer, num_steps=ws.num_steps, init_from="",
                                   sft_warmstart=config_lib.SFTWarmstart()),
@@ -424,7 +427,7 @@ def run_reward_model(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str
                                                cfg.mesh.rules, num_heads=rm.num_heads,
                                                trunk_params=trunk)
   step = rm_lib.RewardModelStep(model_cfg, tx, num_heads=rm.num_heads,
-                                aggregation=rm.aggregation, lam=rm.lam,
+                                aggregation=rm.aggregation, lam=rm.lam, sft_coef=rm.sft_coef,
                                 microbatches=cfg.trainer.microbatches, mesh=mesh,
                                 rules=cfg.mesh.rules)
   jitted = rm_lib.jit_reward_model_step(step, sh)

@@ -1,0 +1,44 @@
+"""Offline preference optimisation on the built-in synthetic preference task.
+
+  python launch/train.py --config=configs/dpo_arithmetic.py --workdir=/tmp/dpo_arith
+
+Pairs: the prompt is a 1-2 digit addition/subtraction, the chosen completion
+follows the rule (the exact result) and the rejected one breaks it (off by 1-3
+or digits shuffled). Stage 1 is a short SFT warm-start on the same problems;
+stage 2 trains with RPO (DPO + η·NLL of the chosen answer), which raises the
+held-out greedy rule-following rate; plain DPO (`--config=...:loss=dpo`) raises
+the held-out implicit-reward accuracy but lowers the chosen likelihood on this
+tiny model (a known DPO failure mode), so RPO is the default.
+Hardware: 2 CPU cores, about 5 minutes. Expected: the before/after table shows
+held-out greedy rule-following rising from the SFT level (about 0.2-0.4) by
+roughly 0.1-0.3.
+"""
+
+from jaxrl_llm.config import default_configdict, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, steps=150, sft_steps=150, loss="rpo")
+  c = default_configdict(kind="dpo")
+  c.data.source = "preference_arithmetic"
+  c.data.num_train = 20000
+  c.data.num_test = 500
+  c.data.task_options = (("max_digits", 2),)
+  c.data.batch_size = 32
+  c.data.max_prompt_len = 12
+  c.data.max_answer_len = 6
+  c.data.max_completion_len = 6
+  c.data.seq_len = 64
+  c.preference.losses = ((args["loss"], 1.0),)
+  c.preference.beta = 0.1
+  if args["loss"] == "rpo":
+    c.preference.eta = 1.0
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 10
+  c.eval.num_examples = 256
+  c.eval.max_new_tokens = 6
+  c.checkpoint.save_interval_steps = 50
+  c.trainer.num_steps = args["steps"]
+  c.trainer.log_every = 10
+  c.trainer.sft_warmstart.num_steps = args["sft_steps"]
+  return c

@@ -1,0 +1,43 @@
+"""Online DPO on the arithmetic task: sample, verify, pair best vs worst, update.
+
+  python launch/train.py --config=configs/online_dpo_arithmetic.py --workdir=/tmp/odpo
+
+One jitted step samples 4 answers per prompt with the current policy, scores
+them with the exact-match verifier, pairs the best with the worst (tied pairs
+are masked and counted) and applies the preference loss (RPO by default) with
+the starting policy as the reference. `--config.online.selection=dice` ranks by
+the implicit reward instead. Stage 1 is an SFT warm-start.
+Hardware: 2 CPU cores, about 6 minutes. Expected: the training reward and the
+held-out sampled accuracy rise over the SFT level; the exact gain is reported
+in the before/after table (this recipe is not tuned).
+"""
+
+from jaxrl_llm.config import default_configdict, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, steps=100, sft_steps=300)
+  c = default_configdict(kind="online_dpo")
+  c.data.source = "arithmetic"
+  c.data.num_train = 20000
+  c.data.num_test = 500
+  c.data.task_options = (("max_digits", 2),)
+  c.data.batch_size = 32
+  c.data.max_prompt_len = 12
+  c.data.max_answer_len = 6
+  c.data.seq_len = 64
+  c.online.num_samples = 4
+  c.online.max_new_tokens = 6
+  c.online.selection = "best_worst"
+  c.online.preference.losses = (("rpo", 1.0),)
+  c.online.preference.beta = 0.1
+  c.online.preference.eta = 1.0
+  c.reward.components = (("correct", 1.0),)
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_steps = 10
+  c.eval.num_examples = 256
+  c.eval.max_new_tokens = 6
+  c.trainer.num_steps = args["steps"]
+  c.trainer.log_every = 10
+  c.trainer.sft_warmstart.num_steps = args["sft_steps"]
+  return c
