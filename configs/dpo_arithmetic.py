@@ -2,7 +2,7 @@
 
   python launch/train.py --config=configs/dpo_arithmetic.py --workdir=/tmp/dpo_arith
 
-Pairs: the prompt is a 1-2 digit addition/subtraction, the chosen completion
+Pairs: the prompt is a 1-digit addition/subtraction, the chosen completion
 follows the rule (the exact result) and the rejected one breaks it (off by 1-3
 or digits shuffled). Stage 1 is a short SFT warm-start on the same problems;
 stage 2 trains with RPO (DPO + η·NLL of the chosen answer), which raises the
@@ -18,12 +18,12 @@ from jaxrl_llm.config import default_configdict, parse_arg
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, steps=150, sft_steps=150, loss="rpo")
+  args = parse_arg(arg, steps=60, sft_steps=60, loss="rpo")
   c = default_configdict(kind="dpo")
   c.data.source = "preference_arithmetic"
   c.data.num_train = 20000
   c.data.num_test = 500
-  c.data.task_options = (("max_digits", 2),)
+  c.data.task_options = (("max_digits", 1),)
   c.data.batch_size = 32
   c.data.max_prompt_len = 12
   c.data.max_answer_len = 6

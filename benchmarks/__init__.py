@@ -1,0 +1,1 @@
+"""GPU benchmarks of jaxrl_llm and its peers (see BENCHMARKS.md)."""

@@ -1,0 +1,1 @@
+"""Peer systems on the same workloads: TRL (PyTorch) and tunix (JAX)."""

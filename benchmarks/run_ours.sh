@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# floors and W1-W4 of jaxrl_llm on one GPU, each workload in its own process
+# (peak memory is a per-process high-water mark), under one wall-clock deadline.
+#
+#   JAXRL_COMMIT=<sha> OUT=<dir> BUDGET_S=540 PLAN=core bash benchmarks/run_ours.sh [--smoke]
+#
+# PLAN=core: floors, W1, W4, W2 (remat dots, 2 micro-batches), W3 at batch 1/64/512.
+# PLAN=variants: floors and W1 again (same machine as the variants), then the
+#   variants the notes in BENCHMARKS.md compare.
+# Writes OUT/records_ours_$PLAN.tar.gz (the JSON records) and OUT/log_ours_$PLAN.txt.
+set -u
+SMOKE=${1:-}
+PLAN=${PLAN:-core}
+OUT=${OUT:-benchmarks/results}
+REC=$OUT/rec_ours
+PY=${PY:-python3}
+mkdir -p "$REC"
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
+# W2 (1.5B, f32 master weights + AdamW) needs more than JAX's default 75%.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export PYTHONUNBUFFERED=1
+
+run() {  # run MAX_SECONDS MODULE [ARGS...]
+  local max=$1; shift
+  local left=$(( DEADLINE - $(date +%s) ))
+  if (( left < 30 )); then echo "=== SKIPPED (deadline): $*"; return; fi
+  local t=$(( max < left ? max : left ))
+  echo "=== [$(date +%T)] (limit ${t}s) $PY -m $*"
+  timeout -k 5 "$t" "$PY" -m "$@" --out "$REC" $SMOKE || echo "=== FAILED rc=$?: $*"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
+  "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+  run 60 benchmarks.floors
+  case "$PLAN" in
+    core)
+      run 210 benchmarks.w1_grpo_step --repeats 3
+      run 100 benchmarks.w4_dpo_step
+      run 100 benchmarks.w2_train_step --variant dots_mb2 --tag dots_mb2
+      run 150 benchmarks.w3_decode --variants b1,b64,b512 ;;
+    variants)
+      run 150 benchmarks.w1_grpo_step --repeats 3  # same machine as the variant
+      run 150 benchmarks.w1_grpo_step --repeats 3 --variant rollout_bf16 --tag rollout_bf16
+      run 120 benchmarks.w3_decode --repeats 3 --tag unrolled \
+        --variants b64_unrolled,b512_unrolled
+      run 150 benchmarks.w3_decode --repeats 3 --tag extra \
+        --variants b512_f32params,b512_greedy,b512_xla,b64_xla
+      run 60 benchmarks.w4_dpo_step --microbatches 1 --tag mb1
+      run 60 benchmarks.w2_train_step --variant none_mb4 --tag none_mb4
+      run 60 benchmarks.w2_train_step --variant full_mb1 --tag full_mb1 ;;
+  esac
+  "$PY" -m benchmarks.report "$REC" $SMOKE
+} 2>&1 | tee "$OUT/log_ours_$PLAN.txt"
+tar czf "$OUT/records_ours_$PLAN.tar.gz" -C "$REC" . && rm -rf "$REC"

@@ -1,0 +1,119 @@
+"""W1: one full GRPO step in one jit, Qwen2.5-0.5B shape.
+
+`jaxrl_llm.rl.rl_step.RLStep` with the "grpo" preset (group-normalised
+advantages, PPO-clip loss, k3 KL to the reference with β = 0.04):
+
+  ROLLOUT    64 prompts × G = 8 = 512 completions, prompt 256 random tokens,
+             exactly 512 new tokens each (the stop id is -1, never sampled),
+             temperature 1
+  REWARD     in-graph: the fraction of even token ids in the completion
+  REF        reference log-probs of all 512 completions (frozen copy of the
+             initial parameters)
+  UPDATE     one epoch, one optimizer step (AdamW) over the 512 completions,
+             accumulated over micro-batches
+
+f32 master weights (and reference copy), bf16 compute. Reported: step
+seconds (median), sequences/s, completion tokens/s, peak device memory.
+
+Variant "rollout_bf16" samples with a bf16 copy of the parameters made once
+per step instead of the f32 master weights (a proposed library change,
+measured here by overriding `RLStep.rollout` in this file only).
+
+  python -m benchmarks.w1_grpo_step [--smoke] [--variant base|rollout_bf16]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from jaxrl_llm import optim, sharding
+from jaxrl_llm.rl import config as rl_config
+from jaxrl_llm.rl import rl_step as rls
+from jaxrl_llm.train_state import create_train_state
+
+
+def even_token_reward(inputs):
+  """Fraction of even token ids among the completion tokens (varies per row)."""
+  m = inputs.completion_mask_BL.astype(jnp.float32)
+  even = (inputs.completion_BL % 2 == 0).astype(jnp.float32)
+  frac = jnp.sum(even * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+  return frac, {"correct": (frac > 0.5).astype(jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutInComputeDtype(rls.RLStep):
+  """RLStep whose sampler reads a compute-dtype copy of the parameters."""
+
+  def rollout(self, params, batch, rng, step):
+    dt = self.model.compute_dtype
+    params = jax.tree.map(lambda p: p.astype(dt) if p.dtype != dt else p, params)
+    return super().rollout(params, batch, rng, step)
+
+
+def main():
+  p = common.base_parser(__doc__)
+  p.add_argument("--variant", default="base", choices=("base", "rollout_bf16"))
+  p.add_argument("--microbatches", type=int, default=16)
+  p.add_argument("--remat", default="dots_no_batch")
+  p.add_argument("--logprob_chunk", type=int, default=128)
+  p.add_argument("--attention_impl", default="auto")
+  args = p.parse_args()
+  if args.smoke:
+    size, R, G, P, L = "smoke", 4, 4, 16, 8
+    micro = 2
+  else:
+    size, R, G, P, L = "0.5b", 64, 8, 256, 512
+    micro = args.microbatches
+  cfg = common.qwen25_config(size, param_dtype="float32", remat=args.remat,
+                             attention_impl=args.attention_impl)
+  rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
+                             microbatches=micro, logprob_chunk=args.logprob_chunk)
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
+  mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
+  state, sh = create_train_state(cfg, tx, jax.random.key(0), mesh,
+                                 extra_fn=lambda: rls.init_rl_extra(rl))
+  ref_params = jax.tree.map(jnp.copy, state.params)
+  cls = RolloutInComputeDtype if args.variant == "rollout_bf16" else rls.RLStep
+  step = cls(cfg, rl, tx, even_token_reward, eos_id=-1, pad_id=0, mesh=mesh)
+  fn = rls.jit_rl_step(step, sh, None, sh.params)
+  rng = np.random.default_rng(0)
+  batch = {"prompt_tokens": common.random_tokens(rng, (R, P), cfg.vocab_size),
+           "prompt_mask": np.ones((R, P), np.int32),
+           "prompt_id": np.arange(R, dtype=np.int32)}
+  batch = sharding.shard_batch(batch, mesh)
+  holder = {"state": state, "i": 0}
+
+  def call():
+    holder["i"] += 1
+    holder["state"], m = fn(holder["state"], batch, jax.random.key(holder["i"]), ref_params)
+    return m
+
+  m = jax.device_get(common.block(call()))  # compiles; also the warm-up
+  assert float(m["rl/response_length"]) == L, m["rl/response_length"]
+  assert np.isfinite(float(m["loss/policy"])), m
+  times = common.time_calls(call, warmup=max(args.warmup - 1, 0), repeats=args.repeats)
+  m = jax.device_get(common.block(call()))
+  s = common.summarize(times)
+  B = R * G
+  res = {"variant": args.variant, "step": s, "sequences_per_s": B / s["median_s"],
+         "completion_tokens_per_s": B * L / s["median_s"], "peak_gib": common.peak_gib(),
+         "metrics_last": {k: float(v) for k, v in m.items()}}
+  config = {"size": size, "prompts": R, "group_size": G, "prompt_len": P, "new_tokens": L,
+            "preset": "grpo", "kl_coef": rl.kl_coef, "microbatches": micro,
+            "remat": args.remat, "logprob_chunk": args.logprob_chunk,
+            "attention_impl": args.attention_impl, "param_dtype": "float32",
+            "dtype": "bfloat16", "reward": "fraction of even token ids", "stop_tokens": "none"}
+  common.write_record(args, "w1_grpo_step", config, res)
+  common.print_table(f"W1 GRPO step {size}, {R}x{G} seqs, prompt {P}, {L} new",
+                     ["variant", "step s", "seq/s", "tok/s", "peak GiB"],
+                     [[args.variant, s["median_s"], res["sequences_per_s"],
+                       res["completion_tokens_per_s"], res["peak_gib"]]])
+
+
+if __name__ == "__main__":
+  main()
