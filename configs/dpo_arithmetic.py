@@ -9,9 +9,10 @@ stage 2 trains with RPO (DPO + η·NLL of the chosen answer), which raises the
 held-out greedy rule-following rate; plain DPO (`--config=...:loss=dpo`) raises
 the held-out implicit-reward accuracy but lowers the chosen likelihood on this
 tiny model (a known DPO failure mode), so RPO is the default.
-Hardware: 2 CPU cores, about 5 minutes. Expected: the before/after table shows
-held-out greedy rule-following rising from the SFT level (about 0.2-0.4) by
-roughly 0.1-0.3.
+Hardware: 2 CPU cores, about 3 minutes. Measured (CPU, defaults): held-out
+greedy rule-following 0.10 after the SFT stage -> 0.15 after 60 RPO steps,
+sampled (T=1) 0.21 -> 0.23. The test suite's smaller recipe (tests/
+preference_step_test.py) measured greedy gains of +0.24 to +0.37 over 3 seeds.
 """
 
 from jaxrl_llm.config import default_configdict, parse_arg

@@ -36,6 +36,11 @@ from jaxrl_llm.tokenizers import load_tokenizer
 from jaxrl_llm.train_state import create_train_state
 
 HOST_COMPONENTS = ("countdown", "math")
+_GUARD: Optional[PreemptionGuard] = None  # installed by the outermost `run`
+
+
+class Preempted(Exception):
+  """Raised at a safe point after SIGTERM, once the checkpoint is saved."""
 
 
 def _say(msg: str) -> None:
@@ -247,8 +252,7 @@ def _loop(r: Run) -> dict[str, float]:
                       log_fn=_say) if cfg.trainer.progress else None
   guard = NonFiniteGuard(cfg.trainer.nan_policy)
   pending = AsyncMetrics()
-  preempt = PreemptionGuard()
-  preempt.install()
+  preempt = _GUARD or PreemptionGuard()
   extra_fn = lambda: {"data": r.iterator.get_state(), "config": config_lib.to_dict(cfg)}
 
   def handle(item):
@@ -289,7 +293,7 @@ def _loop(r: Run) -> dict[str, float]:
         ckpt.wait()
         _say(f"Preempted: saved step {step} to {ckpt.directory}; rerun with the same "
              "--workdir to resume")
-        return {}
+        raise Preempted(step)
     item = pending.flush()
     if item is not None:
       handle(item)
@@ -304,7 +308,6 @@ def _loop(r: Run) -> dict[str, float]:
         with open(start_file) as f:
           _say(summary_table(json.load(f), final, num_steps, cfg.kind))
   finally:
-    preempt.uninstall()
     writer.close()
     ckpt.wait()
     ckpt.close()
@@ -466,7 +469,20 @@ RUNNERS: dict[str, Callable[[config_lib.ExperimentConfig, str], dict]] = {
 
 def run(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
   """Run (or resume) the experiment in `workdir`; returns final eval metrics."""
+  global _GUARD
   if cfg.kind not in RUNNERS:
     raise ValueError(f"kind={cfg.kind!r} has no runner; choose one of {tuple(RUNNERS)}")
-  os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
-  return RUNNERS[cfg.kind](cfg, workdir)
+  if "://" not in workdir:
+    os.makedirs(workdir, exist_ok=True)
+  if _GUARD is not None:  # a nested stage (e.g. the SFT warm-start) of an outer run
+    return RUNNERS[cfg.kind](cfg, workdir)
+  # SIGTERM from here on is handled at the next safe point: save, then exit cleanly.
+  _GUARD = PreemptionGuard()
+  _GUARD.install()
+  try:
+    return RUNNERS[cfg.kind](cfg, workdir)
+  except Preempted:
+    return {}
+  finally:
+    _GUARD.uninstall()
+    _GUARD = None
