@@ -58,6 +58,7 @@ class RolloutInComputeDtype(rls.RLStep):
 def main():
   p = common.base_parser(__doc__)
   p.add_argument("--variant", default="base", choices=("base", "rollout_bf16"))
+  p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor (multi-GPU runs)")
   p.add_argument("--microbatches", type=int, default=16)
   p.add_argument("--remat", default="dots_no_batch")
   p.add_argument("--logprob_chunk", type=int, default=128)
@@ -74,7 +75,8 @@ def main():
   rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
                              microbatches=micro, logprob_chunk=args.logprob_chunk)
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
-  mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
+  shape = tuple(int(x) for x in args.mesh.split(","))
+  mesh = sharding.make_mesh(sharding.MeshConfig(shape), jax.devices()[:int(np.prod(shape))])
   state, sh = create_train_state(cfg, tx, jax.random.key(0), mesh,
                                  extra_fn=lambda: rls.init_rl_extra(rl))
   ref_params = jax.tree.map(jnp.copy, state.params)

@@ -42,12 +42,14 @@ VARIANTS = {
 def main():
   p = common.base_parser(__doc__)
   p.add_argument("--variant", default="dots_mb1", choices=sorted(VARIANTS))
+  p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor (multi-GPU runs)")
   args = p.parse_args()
   remat, micro, chunk, attn = VARIANTS[args.variant]
   size, B, T = ("smoke", 4, 64) if args.smoke else ("1.5b", 16, 2048)
   cfg = common.qwen25_config(size, param_dtype="float32", remat=remat, attention_impl=attn)
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
-  mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
+  shape = tuple(int(x) for x in args.mesh.split(","))
+  mesh = sharding.make_mesh(sharding.MeshConfig(shape), jax.devices()[:int(np.prod(shape))])
   state, sh = create_train_state(cfg, tx, jax.random.key(0), mesh)
   rng = np.random.default_rng(0)
   batch = {"tokens": common.random_tokens(rng, (B, T), cfg.vocab_size),
