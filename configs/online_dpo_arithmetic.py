@@ -12,20 +12,13 @@ held-out sampled accuracy rise over the SFT level; the exact gain is reported
 in the before/after table (this recipe is not tuned).
 """
 
-from jaxrl_llm.config import default_configdict, parse_arg
+from jaxrl_llm.config import default_configdict, parse_arg, use_builtin_task
 
 
 def get_config(arg=None):
   args = parse_arg(arg, steps=100, sft_steps=300)
   c = default_configdict(kind="online_dpo")
-  c.data.source = "arithmetic"
-  c.data.num_train = 20000
-  c.data.num_test = 500
-  c.data.task_options = (("max_digits", 2),)
-  c.data.batch_size = 32
-  c.data.max_prompt_len = 12
-  c.data.max_answer_len = 6
-  c.data.seq_len = 64
+  use_builtin_task(c, "arithmetic", max_digits=2, batch_size=32)
   c.online.num_samples = 4
   c.online.max_new_tokens = 6
   c.online.selection = "best_worst"
@@ -35,8 +28,6 @@ def get_config(arg=None):
   c.reward.components = (("correct", 1.0),)
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 10
-  c.eval.num_examples = 256
-  c.eval.max_new_tokens = 6
   c.trainer.num_steps = args["steps"]
   c.trainer.log_every = 10
   c.trainer.sft_warmstart.num_steps = args["sft_steps"]

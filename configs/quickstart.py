@@ -15,20 +15,15 @@ TensorBoard logs (`tensorboard --logdir /tmp/quickstart`) and checkpoints. A
 rerun with the same workdir resumes.
 """
 
-from jaxrl_llm.config import default_configdict, parse_arg
+from jaxrl_llm.config import default_configdict, parse_arg, use_builtin_task
 
 
 def get_config(arg=None):
   args = parse_arg(arg, sft_steps=400, rl_steps=150)
   c = default_configdict(kind="rl", rl_preset="grpo")
-  c.data.source = "arithmetic"
-  c.data.num_train = 50000
-  c.data.num_test = 1000
-  c.data.batch_size = 32            # prompts per RL step (x 8 completions)
-  c.data.max_prompt_len = 12
-  c.data.max_answer_len = 6
-  c.data.seq_len = 64               # SFT warm-start packed rows
-  c.data.task_options = (("max_digits", 2),)
+  use_builtin_task(c, "arithmetic", max_digits=2, batch_size=32, num_train=50000,
+                   num_test=1000)
+  c.eval.num_examples = 512
   c.rl.group_size = 8
   c.rl.max_new_tokens = 6
   c.rl.kl_coef = 0.0                # no reference forward: faster on CPU
@@ -36,9 +31,7 @@ def get_config(arg=None):
   c.optim.learning_rate = 3e-5       # RL moves a converged SFT model gently
   c.optim.warmup_steps = 10         # Adam's first steps are sign-like: ramp up
   c.optim.grad_clip_norm = 1.0
-  c.eval.num_examples = 512
   c.eval.batch_size = 256
-  c.eval.max_new_tokens = 6
   c.eval.every_steps = 50
   c.checkpoint.save_interval_steps = 50
   c.trainer.num_steps = args["rl_steps"]

@@ -11,26 +11,17 @@ held-out pair accuracy well above 0.8 (the test suite's smaller recipe
 reaches 0.85-0.93 on unseen problems).
 """
 
-from jaxrl_llm.config import default_configdict, parse_arg
+from jaxrl_llm.config import default_configdict, parse_arg, use_builtin_task
 
 
 def get_config(arg=None):
   args = parse_arg(arg, steps=200, sft_steps=150)
   c = default_configdict(kind="reward_model")
-  c.data.source = "preference_arithmetic"
-  c.data.num_train = 20000
-  c.data.num_test = 500
-  c.data.task_options = (("max_digits", 2),)
-  c.data.batch_size = 32
-  c.data.max_prompt_len = 12
-  c.data.max_answer_len = 6
-  c.data.max_completion_len = 6
-  c.data.seq_len = 64
+  use_builtin_task(c, "preference_arithmetic", max_digits=2, batch_size=32)
   c.reward_model.num_heads = 4
   c.reward_model.sft_coef = 1.0
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 10
-  c.eval.num_examples = 256
   c.eval.batch_size = 128
   c.trainer.num_steps = args["steps"]
   c.trainer.log_every = 10

@@ -11,27 +11,19 @@ Variants: `--config=configs/sft_arithmetic.py:steps=200` for a shorter run,
 (slower to learn: about 0.57 after 300 steps in one measured run).
 """
 
-from jaxrl_llm.config import default_configdict, parse_arg
+from jaxrl_llm.config import default_configdict, parse_arg, use_builtin_task
 
 
 def get_config(arg=None):
   args = parse_arg(arg, steps=400)
   c = default_configdict(kind="sft")
-  c.data.source = "arithmetic"
-  c.data.num_train = 50000
-  c.data.num_test = 1000
-  c.data.batch_size = 64          # packed rows of 64 tokens (~5 problems each)
-  c.data.max_prompt_len = 12
-  c.data.max_answer_len = 6
-  c.data.seq_len = 64
-  c.data.task_options = (("max_digits", 2),)
+  use_builtin_task(c, "arithmetic", max_digits=2, batch_size=64, num_train=50000,
+                   num_test=1000)
   c.optim.learning_rate = 3e-3
   c.optim.schedule = "cosine"
   c.optim.warmup_steps = 100
   c.optim.total_steps = args["steps"]
   c.optim.end_lr_ratio = 0.1
-  c.eval.num_examples = 256
-  c.eval.max_new_tokens = 6
   c.eval.every_steps = 100
   c.checkpoint.save_interval_steps = 200
   c.trainer.num_steps = args["steps"]

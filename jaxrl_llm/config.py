@@ -234,6 +234,26 @@ def default_configdict(rl_preset: Optional[str] = None, **overrides):
   return ml_collections.ConfigDict(_tuples(tree))
 
 
+def use_builtin_task(c, source: str = "arithmetic", *, max_digits: int = 2,
+                     batch_size: int = 32, num_train: int = 20000, num_test: int = 500):
+  """Point a ConfigDict's data and eval sections at a built-in synthetic task.
+
+  Lengths fit the character-level built-in tokenizer: prompts of at most 12
+  tokens (BOS + "99+99="), answers and completions of at most 6 (digits + EOS).
+  """
+  c.data.source = source
+  c.data.num_train, c.data.num_test = num_train, num_test
+  c.data.task_options = (("max_digits", max_digits),)
+  c.data.batch_size = batch_size
+  c.data.max_prompt_len = 12
+  c.data.max_answer_len = 6
+  c.data.max_completion_len = 6
+  c.data.seq_len = 64              # SFT (warm-start) packed rows
+  c.eval.num_examples = 256
+  c.eval.max_new_tokens = 6
+  return c
+
+
 def _tuples(tree):
   if isinstance(tree, dict):
     return {k: _tuples(v) for k, v in tree.items()}
