@@ -161,3 +161,20 @@ def test_grpo_raises_reward():
     state, m = fn(state, batch, jax.random.key(i), None)
     rewards.append(float(m["reward/mean"]))
   assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.3, rewards
+
+
+def test_reward_model_as_in_graph_reward_with_traced_params():
+  """A reward model scores rollouts inside the one-jit step; its params are an argument."""
+  from jaxrl_llm.preference import reward_model as rm_lib
+  rm_params = rm_lib.init_reward_model(CFG, jax.random.key(7), num_heads=2)
+  reward = rm_lib.reward_model_fn(CFG, 2, "worst_case")
+  rl = rl_config.RLConfig(group_size=4, max_new_tokens=4)
+  step, state, sh, mesh = build(rl, reward=reward)
+  fn = rls.jit_rl_step(step, sh)
+  batch = sharding.shard_batch(make_batch(), mesh)
+  _, m = fn(jax.tree.map(jnp.copy, state), batch, jax.random.key(0), None, rm_params)
+  shifted = jax.tree.map(lambda x: x + 0.5, rm_params)  # other weights: no recompilation
+  _, m2 = fn(state, batch, jax.random.key(0), None, shifted)
+  assert fn.jitted._cache_size() == 1
+  assert np.isfinite(float(m["reward/mean"])) and "reward/rm_std" in m
+  assert float(m["reward/mean"]) != float(m2["reward/mean"])
