@@ -7,9 +7,10 @@ them with the exact-match verifier, pairs the best with the worst (tied pairs
 are masked and counted) and applies the preference loss (RPO by default) with
 the starting policy as the reference. `--config.online.selection=dice` ranks by
 the implicit reward instead. Stage 1 is an SFT warm-start.
-Hardware: 2 CPU cores, about 6 minutes. Expected: the training reward and the
-held-out sampled accuracy rise over the SFT level; the exact gain is reported
-in the before/after table (this recipe is not tuned).
+Hardware: 2 CPU cores, about 5 minutes. Measured (CPU, defaults): after the
+SFT stage held-out greedy accuracy 0.52 and sampled 0.44; after 100 online
+steps 0.53 and 0.44 — no clear gain yet: this recipe is not tuned (the step
+itself raises the reward on a toy task in tests/online_test.py).
 """
 
 from jaxrl_llm.config import default_configdict, parse_arg, use_builtin_task

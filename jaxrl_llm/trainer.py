@@ -190,10 +190,12 @@ class Evaluator:
 
 def summary_table(before: dict, after: dict, steps: int, kind: str) -> str:
   """A before/after table of the held-out metrics."""
-  rows = [f"{'held-out metric':<28}{'before':>10}{'after ' + str(steps) + ' ' + kind:>18}"]
+  head = f"after {steps} {kind}"
+  w = max(len(head), 10) + 2
+  rows = [f"{'held-out metric':<28}{'before':>10}{head:>{w}}"]
   for key in sorted(after):
     if key in before and key != "eval/num_examples":
-      rows.append(f"{key:<28}{before[key]:>10.3f}{after[key]:>18.3f}")
+      rows.append(f"{key:<28}{before[key]:>10.3f}{after[key]:>{w}.3f}")
   rule = "-" * len(rows[0])
   return "\n".join([rule, rows[0], rule, *rows[1:], rule])
 
