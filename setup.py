@@ -26,7 +26,7 @@ EXTRAS = {
     # torch is pinned to a CPU build used only by the HF parity tests: an
     # unpinned torch pulls a multi-GB CUDA build.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.51", "torch==2.13.0",
-             "tokenizers>=0.20", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+             "tokenizers>=0.20", "jinja2>=3.1", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
              "matplotlib>=3.8"],
     "hf": ["tokenizers>=0.20", "jinja2>=3.1"],
     "notebooks": ["matplotlib>=3.8", "ipykernel>=6.29"],
