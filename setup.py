@@ -26,8 +26,8 @@ EXTRAS = {
     # torch is pinned to a CPU build used only by the HF parity tests: an
     # unpinned torch pulls a multi-GB CUDA build.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.51", "torch==2.13.0",
-             "tokenizers>=0.20", "jinja2>=3.1", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-             "matplotlib>=3.8"],
+             "tokenizers>=0.20", "jinja2>=3.1", "nbclient>=0.10", "nbformat>=5.10",
+             "ipykernel>=6.29", "matplotlib>=3.8"],
     "hf": ["tokenizers>=0.20", "jinja2>=3.1"],
     "notebooks": ["matplotlib>=3.8", "ipykernel>=6.29"],
     "gpu": ["jax[cuda12]>=0.6"],
@@ -40,7 +40,7 @@ setuptools.setup(
     version="0.1.0",
     description="Post-training language models with RL and preference optimization, "
                 "rollout to update in one jitted step.",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["jaxrl_llm", "jaxrl_llm.*"]),
     package_data={"jaxrl_llm": ["assets/*"]},
