@@ -52,11 +52,12 @@ except ImportError:
   %pip install -q "jaxrl_llm @ git+https://github.com/jaxrl-llm/jaxrl_llm"
 """),
       md(f"""
-**Hardware.** {runtime.strip()} JAX uses whatever backend it finds: on Colab,
-*Runtime → Change runtime type* picks a CPU, GPU or TPU runtime and the code
-does not change (a multi-device runtime shards the batch over all devices).
-The test suite runs this notebook on CPU with `JAXRL_NOTEBOOK_TEST=1`, which
-shrinks it further.
+**Hardware.** {runtime.strip()}
+
+JAX uses whatever backend it finds: on Colab, *Runtime → Change runtime type*
+picks a CPU, GPU or TPU runtime and the code does not change (a multi-device
+runtime shards the batch over all its devices). The test suite runs this
+notebook on CPU with `JAXRL_NOTEBOOK_TEST=1`, which shrinks it further.
 """),
   ]
 
@@ -84,7 +85,6 @@ point is the mechanics. Notebook 02 trains one.
     code("""
 import functools
 import json
-import os
 import pathlib
 import tempfile
 
@@ -341,7 +341,7 @@ metrics and look at what the model answers.
 With `TINY = True` (the default) the run is shrunk to a 0.02M-parameter model on
 1-digit problems and takes about a minute on a 2-core CPU. With `TINY = False`
 it is the real quickstart, `configs/quickstart.py` (0.8M parameters, 400 SFT +
-150 GRPO steps): about 8-10 minutes on 2 CPU cores, a few minutes on a Colab GPU.
+150 GRPO steps): about 8-10 minutes on 2 CPU cores.
 """) + [
     code("""
 TINY = True  # False: the full quickstart config (configs/quickstart.py)
@@ -445,9 +445,9 @@ print(cfg.rl)
 
 The log shows the memory plan of each stage, the held-out evaluation before
 and after it (`eval/accuracy`: greedy; `eval/sample_accuracy`: one sample at the
-RL temperature, the quantity GRPO optimises) and a progress line. Rerunning the
-cell with the same workdir resumes from the last checkpoint instead of starting
-over.
+RL temperature, the quantity GRPO optimises) and a progress line. Calling
+`trainer.run` again with the same workdir resumes from its last checkpoint
+instead of starting over (this cell makes a fresh workdir each time).
 """),
     code("""
 workdir = tempfile.mkdtemp(prefix="quickstart-")
@@ -973,9 +973,10 @@ $\\rho_t = \\pi_\\theta(y_t)/\\pi_{\\text{old}}(y_t)$:
 
 $$\\ell_t = -\\Big(\\rho_t A_t - \\frac{|A_t|}{2\\epsilon}(\\rho_t - 1)^2\\Big).$$
 
-Its gradient equals the policy gradient at ρ = 1, and the objective peaks at
-ρ = 1 ± ε, so beyond the trust region it pulls the ratio back, where PPO's
-clipped objective is flat and gives no gradient at all. As in the library's
+Its gradient equals the policy gradient at ρ = 1; the objective peaks at
+ρ = 1 + ε·sign(A), the edge of the trust region, and beyond it the gradient
+pulls the ratio back, where PPO's clipped objective is flat and gives no
+gradient at all. As in the library's
 losses, the log-ratio is masked before `exp` so padding cannot overflow.
 """),
     code("""
@@ -1208,8 +1209,8 @@ $$\\text{Dr. GRPO:}\\quad \\mathcal{L} = \\frac{1}{G\\,L_{\\max}}\\sum_i \\sum_t
 is $-w_{i}\\,\\nabla\\log\\pi(y_{i,t})$ with weight $w_i = A_i/(G|y_i|)$ for GRPO and
 $A_i/(G L_{\\max})$ for Dr. GRPO. The cell computes these weights with the library's
 functions for a group of two correct answers and two wrong ones, one short and
-one long (the weights are the gradient of the aggregated loss with respect to
-each token's advantage-weighted log-prob).
+one long (a token's weight is minus the derivative of the aggregated loss with
+respect to its log-prob).
 """),
     code("""
 rewards = jnp.array([1.0, 1.0, 0.0, 0.0])   # two correct, two wrong
@@ -1237,13 +1238,13 @@ With GRPO each answer carries the same *total* weight whatever its length, so
 the 10-token wrong answer gets a third of the per-token penalty of the 3-token
 one: every extra wrong token dilutes the penalty. With Dr. GRPO every token
 counts the same, so a long wrong answer is penalised in proportion to its
-length. (Both are equivalent up to a constant when all answers have the same
-length.)
+length. (When all answers have the same length, the two aggregations differ
+only by a constant factor.)
 
 ## 2. A shared warm start
 
 A tiny model (`nano`, 2 layers) learns the format of 1-digit arithmetic answers
-from a short SFT: about a sixth of its sampled answers are correct, and the
+from a short SFT: about one in seven of its sampled answers is correct, and the
 wrong ones vary in length, which is what lets a length bias show.
 """),
     code("""
@@ -1260,7 +1261,7 @@ step = jax.jit(functools.partial(sft_step, cfg=model_cfg, tx=tx, mesh=mesh),
                in_shardings=(shardings, None, None), out_shardings=(shardings, None),
                donate_argnums=(0,))
 sft_batches = DataIterator(data, "train", mode="sft", tokenizer=tok, examples=train)
-for i in range(SFT_STEPS):
+for _ in range(SFT_STEPS):
   state, m = step(state, sharding.shard_batch(next(sft_batches), mesh), jax.random.key(0))
 sft_params = jax.device_get(state.params)
 print(f"SFT: {SFT_STEPS} steps, final NLL {float(m['loss/nll']):.3f}")
@@ -1291,7 +1292,7 @@ def train_rl(preset, seed=0):
   prompts = DataIterator(dataclasses.replace(rl_data, seed=seed), "train", mode="rl",
                          tokenizer=tok, examples=train)
   history = []
-  for i in range(RL_STEPS):
+  for _ in range(RL_STEPS):
     state, metrics = run(state, sharding.shard_batch(next(prompts), mesh), jax.random.key(seed))
     history.append(metrics)  # fetched below: the host never waits inside the loop
   history = jax.device_get(history)
