@@ -164,7 +164,7 @@ def load_floors(args) -> dict:
 def base_parser(description: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (correctness only)")
-  p.add_argument("--out", default="", help="record folder (default $OUT or benchmarks/results)")
+  p.add_argument("--out", default="", help="record folder (default: benchmarks/results)")
   p.add_argument("--tag", default="", help="suffix of the record's file name")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)

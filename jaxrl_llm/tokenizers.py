@@ -21,6 +21,7 @@ digit, and encode(prompt) + encode(answer) == encode(prompt + answer).
 
 from __future__ import annotations
 
+import abc
 import datetime
 import json
 import os
@@ -77,7 +78,7 @@ def _as_id_list(ids: Sequence[int] | np.ndarray) -> list[int]:
   return array.tolist()
 
 
-class _TokenizerBase:
+class _TokenizerBase(abc.ABC):
   """Shared BOS/EOS handling, id filtering and batching of both backends."""
 
   _bos_id: int | None
@@ -97,14 +98,17 @@ class _TokenizerBase:
     return self._pad_id
 
   @property
+  @abc.abstractmethod
   def vocab_size(self) -> int:
-    raise NotImplementedError
+    """Number of token ids."""
 
+  @abc.abstractmethod
   def _encode_raw(self, texts: list[str]) -> list[list[int]]:
-    raise NotImplementedError
+    """Backend encoding of texts, without BOS/EOS handling."""
 
+  @abc.abstractmethod
   def _decode_raw(self, ids: list[int]) -> str:
-    raise NotImplementedError
+    """Backend decoding of ids (special ids already removed)."""
 
   def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
     if add_bos:

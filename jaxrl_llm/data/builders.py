@@ -48,6 +48,7 @@ local `data_dir`.
 
 from __future__ import annotations
 
+import abc
 import collections.abc
 import dataclasses
 import hashlib
@@ -252,11 +253,13 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(config=config, **kwargs)
 
+  @abc.abstractmethod
   def _features(self) -> dict[str, Any]:
-    raise NotImplementedError
+    """The TFDS features of one example of this task."""
 
+  @abc.abstractmethod
   def _example(self, example: dict[str, Any], split: str, index: int) -> dict[str, Any]:
-    raise NotImplementedError
+    """One generated task example as a record of `_features()`."""
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
