@@ -397,6 +397,7 @@ def make_split_step(step: RLStep, state_shardings=None, host_reward: Optional[Ca
 
   rollout_jit = jax.jit(rollout)
   learn_jit = jax.jit(learn, donate_argnums=(0,))
+  score_jit = jax.jit(step.score)  # built once: no retrace per step
   score = host_reward
 
   def run(state, batch, rng, ref_params=None):
@@ -416,7 +417,7 @@ def make_split_step(step: RLStep, state_shardings=None, host_reward: Optional[Ca
                 for k, v in base.items()}
         baseline_B = jnp.repeat(jnp.asarray(score(base)[0]), step.rl.group_size)
     else:
-      rewards_B, comps, baseline_B = jax.jit(step.score)(ro)
+      rewards_B, comps, baseline_B = score_jit(ro)
     rewards_B = jnp.asarray(rewards_B, jnp.float32)
     comps = {k: jnp.asarray(v, jnp.float32) for k, v in comps.items()}
     return learn_jit(state, ro, rewards_B, comps, update_rng, ref_params, baseline_B)
