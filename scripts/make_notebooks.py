@@ -875,20 +875,25 @@ model (`num_heads=4` and `reward_model_fn(..., with_members=True)`);
 # ---------------------------------------------------------------------------
 NB04 = header("04_custom_estimator_and_loss",
               "04 · Your own advantage estimator and policy loss", """
-The RL step looks its algorithms up by name: `RLConfig.advantage` in
-`advantages.OUTCOME_ESTIMATORS`, `RLConfig.policy_loss` in
-`policy_losses.POLICY_LOSSES`. Both are plain dicts of plain JAX functions, so a
-new algorithm is a function with the right signature and one registration; the
-rest of the step (rollout, reward, aggregation, micro-batching, sharding, the
-single jit) is reused as is. We write:
+The RL step looks its algorithms up by name: `RLConfig.advantage` in the
+registry of advantage estimators, `RLConfig.policy_loss` in the registry of
+policy losses. The entries are plain JAX functions, and one call adds a new one:
+`advantages.register_advantage_estimator(name, fn)` or
+`policy_losses.register_policy_loss(name, fn)`. So a new algorithm is a function
+with the right signature and one registration; the rest of the step (rollout,
+reward, aggregation, micro-batching, sharding, the single jit) is reused as is.
+The function's own hyper-parameters go in the config, in
+`RLConfig.advantage_kwargs` / `RLConfig.loss_kwargs`. We write:
 
 * **an estimator**, the group *win rate*: how often an answer beats the other
   answers to the same prompt, a rank-based advantage that ignores the reward's
-  scale;
+  scale, with a `margin` option: rewards closer than the margin count as a tie;
 * **a loss**, SPO's quadratic trust-region penalty (Xie et al. 2024, "Simple
-  Policy Optimization") in place of PPO's clipping;
+  Policy Optimization") in place of PPO's clipping, with its own trust-region
+  width `eps`;
 
-then test them on hand-made inputs, register them, and train with them.
+then test them on hand-made inputs, register them, pass their options through
+the config, and train with them.
 """, "A CPU runtime is enough: an untrained 0.02M-parameter model and two short "
      "runs, well under a minute on 2 CPU cores.") + [
     code("""
@@ -925,24 +930,32 @@ fn(rewards_B, group_size, *, valid_B=None, **options) -> adv_B
 with the G answers of a prompt stored next to each other (row `p·G + g`), and
 rows where `valid_B` is 0 (groups dropped by dynamic sampling, padding) left out
 of every statistic and given advantage 0. The step broadcasts `adv_B` to the
-tokens of each answer.
+tokens of each answer. `options` are the estimator's own keyword parameters
+(here `margin`); section 3 shows how the config fills them in.
 
-The **win rate** of answer i among the n valid answers of its group:
+The **win rate** of answer i among the n valid answers of its group, with a
+margin m ≥ 0:
 
-$$A_i = \\frac{1}{n-1}\\sum_{j \\ne i} \\mathrm{sign}(r_i - r_j) \\in [-1, 1].$$
+$$A_i = \\frac{1}{n-1}\\sum_{j \\ne i} s(r_i - r_j) \\in [-1, 1], \\qquad
+s(d) = \\begin{cases}\\mathrm{sign}(d) & |d| > m\\\\ 0 & \\text{otherwise.}\\end{cases}$$
 
-It is 0 when all rewards tie, sums to 0 over a group like GRPO's advantage, and
-only the *order* of the rewards matters: any increasing transform of the reward
-gives the same advantages.
+With the default m = 0, s is the sign: A is 0 when all rewards tie, sums to 0
+over a group like GRPO's advantage, and only the *order* of the rewards matters:
+any increasing transform of the reward gives the same advantages. A margin
+m > 0 counts rewards closer than m as a tie, which keeps a noisy reward (a reward
+model's score, say) from ranking answers on noise. The advantages still sum to 0
+over a group (s is odd) and adding a constant to every reward changes nothing,
+but the margin is in reward units, so rescaling the reward now matters.
 """),
     code("""
-def win_rate(rewards_B, group_size, *, valid_B=None):
-  \"\"\"A_i = (1/(n−1)) Σ_{j≠i} sign(r_i − r_j) over the valid members j of i's group.\"\"\"
+def win_rate(rewards_B, group_size, *, valid_B=None, margin=0.0):
+  \"\"\"A_i = (1/(n−1)) Σ_{j≠i} s(r_i − r_j), s(d) = sign(d) if |d| > margin else 0.\"\"\"
   rewards_B = jnp.asarray(rewards_B, jnp.float32)
   valid_B = jnp.ones_like(rewards_B) if valid_B is None else (jnp.asarray(valid_B) != 0)
   r_PG = rewards_B.reshape(-1, group_size)
   v_PG = valid_B.astype(jnp.float32).reshape(-1, group_size)
-  wins_PGG = jnp.sign(r_PG[:, :, None] - r_PG[:, None, :]) * v_PG[:, None, :]
+  d_PGG = r_PG[:, :, None] - r_PG[:, None, :]
+  wins_PGG = jnp.where(jnp.abs(d_PGG) > margin, jnp.sign(d_PGG), 0.0) * v_PG[:, None, :]
   n_P1 = jnp.sum(v_PG, axis=1, keepdims=True)
   adv_PG = jnp.sum(wins_PGG, axis=2) / jnp.maximum(n_P1 - 1.0, 1.0)
   return (adv_PG * v_PG).reshape(-1)
@@ -951,7 +964,8 @@ r = jnp.array([0.1, 0.5, 0.5, 0.9,    # a group with a tie
                1.0, 1.0, 1.0, 1.0])   # a solved group: no signal
 print("win rate:        ", win_rate(r, 4))
 print("of r ** 3:       ", win_rate(r ** 3, 4))
-print("0.9 invalid:      ", win_rate(r, 4, valid_B=jnp.array([1, 1, 1, 0, 1, 1, 1, 1])))
+print("0.9 invalid:     ", win_rate(r, 4, valid_B=jnp.array([1, 1, 1, 0, 1, 1, 1, 1])))
+print("margin 0.45:     ", np.round(win_rate(r, 4, margin=0.45), 3))  # only 0.1 vs 0.9 counts
 print("grpo, for scale: ", np.round(advantages.grpo(r, 4), 2))
 """),
     md("""
@@ -978,33 +992,39 @@ Its gradient equals the policy gradient at ρ = 1; the objective peaks at
 pulls the ratio back, where PPO's clipped objective is flat and gives no
 gradient at all. As in the library's
 losses, the log-ratio is masked before `exp` so padding cannot overflow.
+
+The width ε is SPO's own option, the keyword parameter `eps`. It is a different
+knob from PPO's clip range (`RLConfig.eps_low` / `eps_high`), so it gets its own
+name rather than borrowing `eps_high`.
 """),
     code("""
-def spo(logp_BT, old_logp_BT, adv_BT, mask_BT, *, eps_high=0.2):
-  \"\"\"SPO (Xie et al. 2024): ℓ = −(ρA − |A|/(2ε)·(ρ − 1)²), ε = eps_high.\"\"\"
+def spo(logp_BT, old_logp_BT, adv_BT, mask_BT, *, eps=0.2):
+  \"\"\"SPO (Xie et al. 2024): ℓ = −(ρA − |A|/(2ε)·(ρ − 1)²), ε = eps.\"\"\"
   on_BT = jnp.asarray(mask_BT) != 0
   old_logp_BT = jax.lax.stop_gradient(old_logp_BT)
   adv_BT = jax.lax.stop_gradient(adv_BT)
   ratio_BT = jnp.exp(jnp.where(on_BT, logp_BT - old_logp_BT, 0.0))
-  loss_BT = -(ratio_BT * adv_BT - jnp.abs(adv_BT) / (2 * eps_high) * (ratio_BT - 1.0) ** 2)
+  loss_BT = -(ratio_BT * adv_BT - jnp.abs(adv_BT) / (2 * eps) * (ratio_BT - 1.0) ** 2)
   outside = lambda x: (on_BT & x).astype(loss_BT.dtype)
   metrics = {"ratio_BT": jnp.where(on_BT, ratio_BT, 0.0),
-             "clip_low_BT": outside(ratio_BT < 1.0 - eps_high),   # outside the trust region
-             "clip_high_BT": outside(ratio_BT > 1.0 + eps_high)}
+             "clip_low_BT": outside(ratio_BT < 1.0 - eps),   # outside the trust region
+             "clip_high_BT": outside(ratio_BT > 1.0 + eps)}
   return jnp.where(on_BT, loss_BT, 0.0), metrics
 
 # On-policy (ρ = 1) SPO and PPO have the same gradient: the plain policy gradient.
 logp = jnp.log(jnp.array([[0.2, 0.5, 0.9]]))
 adv, mask = jnp.array([[1.0, -0.5, 2.0]]), jnp.array([[1.0, 1.0, 0.0]])
-grad = lambda fn: jax.grad(lambda lp: jnp.sum(fn(lp, logp, adv, mask, eps_high=0.2)[0]))(logp)
-print("d loss / d logp, spo:     ", grad(spo))
-print("d loss / d logp, ppo_clip:", grad(policy_losses.ppo_clip))
+grad = lambda fn, **options: jax.grad(
+    lambda lp: jnp.sum(fn(lp, logp, adv, mask, **options)[0]))(logp)
+print("d loss / d logp, spo:     ", grad(spo, eps=0.2))
+print("d loss / d logp, ppo_clip:", grad(policy_losses.ppo_clip, eps_high=0.2))
 
 rho = jnp.linspace(0.5, 1.5, 101)[None, :]
 fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharey=True)
 for ax, a in zip(axes, (1.0, -1.0)):
   args = (jnp.log(rho), jnp.zeros_like(rho), jnp.full_like(rho, a), jnp.ones_like(rho))
-  ax.plot(rho[0], -spo(*args, eps_high=0.2)[0][0], label="SPO")
+  ax.plot(rho[0], -spo(*args, eps=0.2)[0][0], label="SPO, ε = 0.2")
+  ax.plot(rho[0], -spo(*args, eps=0.1)[0][0], ":", label="SPO, ε = 0.1")
   ax.plot(rho[0], -policy_losses.ppo_clip(*args, eps_high=0.2)[0][0], "--", label="PPO clip")
   ax.axvspan(0.8, 1.2, alpha=0.1); ax.set_title(f"objective per token, A = {a:+.0f}")
   ax.set_xlabel("ratio ρ")
@@ -1016,45 +1036,79 @@ axes[0].legend(); plt.tight_layout(); plt.show()
 Before registration, `RLConfig` rejects the names (and lists the valid ones):
 """),
     code("""
-try:
-  rl_config.RLConfig(advantage="win_rate", policy_loss="spo")
-except ValueError as e:
-  print("ValueError:", e)
+for fields in ({"advantage": "win_rate"}, {"policy_loss": "spo"}):
+  try:
+    rl_config.RLConfig(**fields)
+  except ValueError as e:
+    print("ValueError:", e)
+  else:
+    print(fields, "is accepted: registered already (this cell was re-run)")
 """),
     md("""
-Three lookups read the names, and registration has to satisfy all three:
+One call registers each function. From then on its name is valid everywhere the
+step looks it up: in `RLConfig` (validation), in `advantages.compute_advantages`
+and `policy_losses.policy_loss` (the dispatchers of the step's ADVANTAGE and
+UPDATE stages), and so in the jitted `RLStep`. The registries are read live:
+`advantages.advantage_estimator_names()` and `policy_losses.policy_loss_names()`
+(and the old `advantages.ADVANTAGE_ESTIMATORS`, now a read-only view) list the
+new names. Register through these functions rather than writing into the
+registries: they check the name and the function's signature first.
 
-* `RLConfig.__post_init__` (validation) checks the names against
-  `advantages.ADVANTAGE_ESTIMATORS` and `policy_losses.POLICY_LOSSES`;
-* `advantages.compute_advantages` (the step's ADVANTAGE stage) checks
-  `ADVANTAGE_ESTIMATORS`, then calls `OUTCOME_ESTIMATORS[name]`;
-* `policy_losses.policy_loss` (the step's UPDATE stage) calls
-  `POLICY_LOSSES[name]`.
-
-`POLICY_LOSSES` and `OUTCOME_ESTIMATORS` are dicts: add an entry.
-`ADVANTAGE_ESTIMATORS` is a tuple built from `OUTCOME_ESTIMATORS` when the
-module is imported, so the new name must be appended to it as well. Two more
-things to know:
-
-* options come from `RLConfig`: `advantage_options()` passes nothing to an
-  estimator it does not know, and `loss_options()` passes only `eps_high` to a
-  loss it does not know. That is why `spo` takes its ε as `eps_high`; bind any
-  other option with `functools.partial` before registering;
-* the registries are module state: register before building the `RLConfig`
-  and jitting the step (in a launcher, in a module imported before the config
-  is converted).
+* Registering a name a second time is an error unless you pass
+  `overwrite=True`. We pass it here so that re-running the cell (in Colab, after
+  editing `win_rate` or `spo`) replaces the function.
+  `unregister_advantage_estimator` / `unregister_policy_loss` remove a name
+  again; built-in names cannot be removed.
+* The registries are module state. Register before building the `RLConfig` and
+  jitting the step (in a launcher, or in a module that the config file
+  imports). A step that is already compiled keeps the function it traced.
 """),
     code("""
-advantages.OUTCOME_ESTIMATORS["win_rate"] = win_rate
-if "win_rate" not in advantages.ADVANTAGE_ESTIMATORS:
-  advantages.ADVANTAGE_ESTIMATORS += ("win_rate",)
-policy_losses.POLICY_LOSSES["spo"] = spo
+advantages.register_advantage_estimator("win_rate", win_rate, overwrite=True)
+policy_losses.register_policy_loss("spo", spo, overwrite=True)
+print("estimators:", advantages.advantage_estimator_names())
+print("losses:    ", policy_losses.policy_loss_names())
+"""),
+    md("""
+**Options.** The step calls a registered function with two kinds of keyword
+options:
 
-custom = rl_config.RLConfig(advantage="win_rate", policy_loss="spo", eps_high=0.2,
+* the options `RLConfig` sets from its own fields, if the function's signature
+  names them: `eps` / `ddof` (from `adv_eps` / `adv_std_ddof`) for an estimator,
+  `eps_low` / `eps_high` / `clip_c` (from `eps_low` / `eps_high` /
+  `dual_clip_c`) for a loss;
+* the function's own options, from `advantage_kwargs` / `loss_kwargs`: tuples of
+  (name, value) pairs (a dict is converted). In a config file, write
+  `c.rl.loss_kwargs = (("eps", 0.2),)`.
+
+Neither `win_rate` nor `spo` names a field-set option, so each gets exactly its
+`*_kwargs`. `advantage_options()` and `loss_options()` show what the step will
+pass:
+"""),
+    code("""
+custom = rl_config.RLConfig(advantage="win_rate", advantage_kwargs=(("margin", 0.0),),
+                            policy_loss="spo", loss_kwargs=(("eps", 0.2),),
                             aggregation="token_mean", group_size=8, max_new_tokens=8)
-print(custom.advantage, custom.policy_loss, custom.loss_options())
-# The step's own dispatcher now finds the estimator (and broadcasts it to tokens):
-print(advantages.compute_advantages("win_rate", r, 4, jnp.ones((8, 2)))[:, 0])
+print("estimator options:", custom.advantage_options())
+print("loss options:     ", custom.loss_options())
+# The step's dispatcher now finds the estimator, passes the options and
+# broadcasts A to the tokens:
+print(advantages.compute_advantages(custom.advantage, r, 4, jnp.ones((8, 2)),
+                                    **custom.advantage_options())[:, 0])
+"""),
+    md("""
+`RLConfig` checks every key when it is built, not at the first training step. A
+key is an error if the function has no parameter of that name, if a field of
+`RLConfig` already sets it (set the field instead), or if the step passes it
+itself (`valid_B`, ...):
+"""),
+    code("""
+for loss_kwargs in ((("epsilon", 0.2),),    # a typo: spo has no parameter 'epsilon'
+                    (("eps_high", 0.2),)):  # set by RLConfig.eps_high, not here
+  try:
+    rl_config.RLConfig(policy_loss="spo", loss_kwargs=loss_kwargs)
+  except ValueError as e:
+    print("ValueError:", e)
 """),
     md("""
 ## 4. Train with them
@@ -1068,7 +1122,9 @@ EOS, halved when the answer never reaches EOS, with `"correct"` (logged as
 
 We train two policies from the same initial weights, the GRPO advantage with
 PPO clipping and the win rate with SPO (same aggregation, learning rate, data
-and seeds), to check that the new pieces learn.
+and seeds), to check that the new pieces learn. The baseline's config drops
+the `*_kwargs`: `grpo` has no `margin` and `ppo_clip` no `eps`, and `RLConfig`
+would reject them.
 """),
     code("""
 tok = tokenizers.load_tokenizer("builtin")
@@ -1106,7 +1162,8 @@ def train_rl(rl, seed=0):
   return {k: np.array([m[k] for m in history]) for k in history[0]}
 
 
-baseline = dataclasses.replace(custom, advantage="grpo", policy_loss="ppo_clip")
+baseline = dataclasses.replace(custom, advantage="grpo", advantage_kwargs=(),
+                               policy_loss="ppo_clip", loss_kwargs=())  # eps_high = 0.2
 runs = {"grpo + ppo_clip": train_rl(baseline), "win_rate + spo": train_rl(custom)}
 for name, h in runs.items():
   print(f"{name:16s} reward {h['reward/mean'][:5].mean():.2f} -> "
@@ -1130,13 +1187,14 @@ meaningfully different, which is what a plug-in check should show. The
 ratio stays at 1 (`rl/clip_frac_low/high` are 0: no token leaves the trust
 region) because each batch is used for one optimizer step; set `epochs` or
 `minibatches` above 1 in `RLConfig` to reuse a batch and see the trust region
-act.
+act, and change `loss_kwargs=(("eps", ...),)` to move its edge.
 
 What this did **not** need: no change to the step, the sampler, the reward
 plumbing or the sharding. What a new *kind* of algorithm needs instead: an
 estimator with other inputs (a value model, like `advantages.gae`, or a greedy
 baseline, like `remax`) is called explicitly by `compute_advantages`, so it
-needs a change there; a new aggregation mode is a branch of
+needs a change there (registration refuses the names `reinforce_pp` and
+`remax` for that reason); a new aggregation mode is a branch of
 `policy_losses.aggregate`.
 """),
 ]

@@ -365,13 +365,152 @@ def test_overlong_penalty_bad_args(max_len, cache):
 
 
 # ---------------------------------------------------------------------------
+# COPO
+# ---------------------------------------------------------------------------
+
+# Three groups of four: all correct, all wrong (zero variance both), mixed.
+COPO_REWARDS = [1.0, 1.0, 1.0, 1.0,
+                0.0, 0.0, 0.0, 0.0,
+                1.0, 0.0, 0.0, 1.0]
+# Final-answer labels: one answer; answers 3,5,3,3; answers 7,3,5,7.
+COPO_ANSWERS = [7, 7, 7, 7,
+                3, 5, 3, 3,
+                7, 3, 5, 7]
+EPS = 1e-4
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + math.exp(-x))
+
+
+def _copo_hand_values():
+  """Every COPO term of COPO_REWARDS / COPO_ANSWERS, worked out by hand."""
+  # Entropy in bits of each group's answer distribution:
+  #   g0 {7: 4/4} -> 0;  g1 {3: 3/4, 5: 1/4};  g2 {7: 1/2, 3: 1/4, 5: 1/4} -> 1.5.
+  h = [0.0, -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)), 1.5]
+  # Global reward R_p = mean_p r = [1, 0, 0.5]; over groups: mean 0.5,
+  # std (ddof 1) = sqrt((0.5² + 0.5² + 0²) / 2) = 0.5.
+  glob = [0.5 / (0.5 + EPS), -0.5 / (0.5 + EPS), 0.0]
+  # Local GRPO: g0, g1 have zero variance -> 0; g2 mean 0.5, std (ddof 1)
+  # = sqrt(4 · 0.25 / 3).
+  loc2 = 0.5 / (math.sqrt(1.0 / 3.0) + EPS)
+  local = [0.0] * 8 + [loc2, -loc2, -loc2, loc2]
+  s = [_sigmoid(5.0 * (hp - 1.0)) for hp in h]  # sigmoid(k (H_p − b)), k=5, b=1
+  return h, glob, local, s
+
+
+def test_copo_golden_soft_with_zero():
+  h, glob, local, s = _copo_hand_values()
+  t = adv_lib.copo_terms(jnp.array(COPO_REWARDS), G, answers_B=jnp.array(COPO_ANSWERS))
+  np.testing.assert_allclose(t.entropy_P, h, atol=1e-6)
+  np.testing.assert_allclose(t.global_reward_P, [1.0, 0.0, 0.5], atol=1e-7)
+  np.testing.assert_allclose(t.global_B, np.repeat(glob, G), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(t.local_B, local, rtol=1e-6, atol=1e-7)
+  # w_i = s_p · [r_i != 0]: wrong answers lean entirely on the global term.
+  w = [s[0]] * 4 + [0.0] * 4 + [s[2], 0.0, 0.0, s[2]]
+  np.testing.assert_allclose(t.weight_B, w, rtol=1e-6, atol=1e-7)
+  assert s[0] == pytest.approx(0.0066929, rel=1e-4)  # sigmoid(-5): confident group
+  assert s[2] == pytest.approx(0.9241418, rel=1e-6)  # sigmoid(2.5): diverse group
+  # A_i = (1 − w_i)·A^glob_i + w_i·A^loc_i
+  want = [(1 - w[i]) * glob[i // G] + w[i] * local[i] for i in range(12)]
+  np.testing.assert_allclose(t.adv_B, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+      adv_lib.copo(jnp.array(COPO_REWARDS), G, answers_B=jnp.array(COPO_ANSWERS)), want,
+      rtol=1e-6, atol=1e-7)
+
+
+def test_copo_all_equal_groups_still_get_signal():
+  r = jnp.array(COPO_REWARDS)
+  assert np.all(np.asarray(adv_lib.grpo(r, G))[:8] == 0.0)  # GRPO: no signal
+  adv = np.asarray(adv_lib.copo(r, G, answers_B=jnp.array(COPO_ANSWERS)))
+  # All correct: (1 − sigmoid(−5))·0.5/(0.5+ε) > 0; all wrong: −0.5/(0.5+ε) < 0.
+  np.testing.assert_allclose(adv[:4], (1 - _sigmoid(-5.0)) * 0.5 / (0.5 + EPS), rtol=1e-6)
+  np.testing.assert_allclose(adv[4:8], -0.5 / (0.5 + EPS), rtol=1e-6)
+
+
+@pytest.mark.parametrize("blend", ["soft", "soft_with_forced"])
+def test_copo_other_blends(blend):
+  _, glob, local, s = _copo_hand_values()
+  got = adv_lib.copo(jnp.array(COPO_REWARDS), G, answers_B=jnp.array(COPO_ANSWERS),
+                     blend=blend)
+  if blend == "soft":  # w_i = s_p
+    w = [s[i // G] for i in range(12)]
+  else:  # w_i = s_p · [A^loc_i != 0]: zero-variance groups take the global term only
+    w = [0.0] * 8 + [s[2]] * 4
+  want = [(1 - w[i]) * glob[i // G] + w[i] * local[i] for i in range(12)]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_copo_rewards_as_labels_and_hyperparameters():
+  # Without answers the rewards are the labels: g2 {1: 1/2, 0: 1/2} -> H = 1 bit.
+  t = adv_lib.copo_terms(jnp.array(COPO_REWARDS), G, k=2.0, b=0.5)
+  np.testing.assert_allclose(t.entropy_P, [0.0, 0.0, 1.0], atol=1e-7)
+  s2 = _sigmoid(2.0 * (1.0 - 0.5))  # sigmoid(k (H − b)) with k=2, b=0.5
+  np.testing.assert_allclose(t.weight_B, [_sigmoid(-1.0)] * 4 + [0.0] * 4
+                             + [s2, 0.0, 0.0, s2], rtol=1e-6)
+
+
+def test_copo_consistency_coef():
+  # R_p = mean_p r · (1 − λ H_p), λ = (1 − 1/G) / log2 G = 0.75 / 2 = 0.375.
+  t = adv_lib.copo_terms(jnp.array(COPO_REWARDS), G, answers_B=jnp.array(COPO_ANSWERS),
+                         consistency_coef=True)
+  r = [1.0, 0.0, 0.5 * (1 - 0.375 * 1.5)]
+  np.testing.assert_allclose(t.global_reward_P, r, rtol=1e-6)
+  mu, sd = _mean(r), _std(r, 1)
+  np.testing.assert_allclose(t.global_B, np.repeat([(x - mu) / (sd + EPS) for x in r], G),
+                             rtol=1e-5)
+
+
+def test_copo_valid_mask():
+  valid = [1, 1, 1, 1,
+           0, 0, 0, 0,   # group dropped
+           1, 0, 1, 1]   # answer 3 left out: {7: 2/3, 5: 1/3}
+  t = adv_lib.copo_terms(jnp.array(COPO_REWARDS), G, answers_B=jnp.array(COPO_ANSWERS),
+                         valid_B=jnp.array(valid))
+  h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+  np.testing.assert_allclose(np.asarray(t.entropy_P)[[0, 2]], [0.0, h2], atol=1e-6)
+  # Global statistics over the 2 groups with valid rows: R = [1, 2/3].
+  r = [1.0, 2.0 / 3.0]
+  mu, sd = _mean(r), _std(r, 1)
+  np.testing.assert_allclose(np.asarray(t.global_B)[[0, 8]], [(x - mu) / (sd + EPS) for x in r],
+                             rtol=1e-5)
+  assert np.all(np.asarray(t.adv_B)[np.array(valid) == 0] == 0.0)
+
+
+def test_copo_dispatch_uses_answers_only_where_taken():
+  mask = jnp.ones((12, 2))
+  r, answers = jnp.array(COPO_REWARDS), jnp.array(COPO_ANSWERS)
+  got = adv_lib.compute_advantages("copo", r, G, mask, answers_B=answers, k=5.0)
+  np.testing.assert_allclose(got[:, 0], adv_lib.copo(r, G, answers_B=answers), rtol=1e-6)
+  # grpo has no answers_B parameter: the labels are ignored.
+  np.testing.assert_allclose(
+      adv_lib.compute_advantages("grpo", r, G, mask, answers_B=answers)[:, 0],
+      adv_lib.grpo(r, G))
+
+
+def test_copo_errors_and_jit():
+  with pytest.raises(ValueError, match="blend"):
+    adv_lib.copo(jnp.array(COPO_REWARDS), G, blend="hard")
+  with pytest.raises(ValueError, match="answers_B"):
+    adv_lib.copo(jnp.array(COPO_REWARDS), G, answers_B=jnp.ones(4))
+  fn = jax.jit(functools.partial(adv_lib.copo, group_size=G))
+  np.testing.assert_allclose(
+      fn(jnp.array(COPO_REWARDS), answers_B=jnp.array(COPO_ANSWERS)),
+      adv_lib.copo(jnp.array(COPO_REWARDS), G, answers_B=jnp.array(COPO_ANSWERS)),
+      rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
 # Dispatcher and validation
 # ---------------------------------------------------------------------------
 
 
 def test_outcome_estimators_registry():
   assert set(adv_lib.OUTCOME_ESTIMATORS) == {
-      "grpo", "dr_grpo", "rloo", "batch_std", "reinforce_pp_baseline"}
+      "grpo", "dr_grpo", "rloo", "batch_std", "reinforce_pp_baseline", "copo"}
+  assert adv_lib.ADVANTAGE_ESTIMATORS == adv_lib.advantage_estimator_names() == (
+      "grpo", "dr_grpo", "rloo", "batch_std", "reinforce_pp_baseline", "copo",
+      "reinforce_pp", "remax")
 
 
 @pytest.mark.parametrize("name", sorted(adv_lib.OUTCOME_ESTIMATORS))
@@ -429,3 +568,66 @@ def test_jit_and_dtype():
   np.testing.assert_allclose(
       got, _ref_grpo(np.array(REWARDS, jnp.bfloat16).astype(float).tolist(),
                      G, 1, 1e-4, VALID), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_registry():
+  """Restores the estimator registry after the test (registrations are global)."""
+  saved = dict(adv_lib.OUTCOME_ESTIMATORS)
+  yield
+  adv_lib.OUTCOME_ESTIMATORS.clear()
+  adv_lib.OUTCOME_ESTIMATORS.update(saved)
+
+
+def scaled_centred(rewards_B, group_size, *, scale, valid_B=None):
+  """A_i = scale · (r_i − mean_g r): a custom estimator with its own hyper-parameter."""
+  return scale * adv_lib.dr_grpo(rewards_B, group_size, valid_B=valid_B)
+
+
+def test_register_advantage_estimator(clean_registry):
+  assert adv_lib.register_advantage_estimator("scaled", scaled_centred) is scaled_centred
+  assert "scaled" in adv_lib.advantage_estimator_names()
+  assert "scaled" in adv_lib.ADVANTAGE_ESTIMATORS
+  assert adv_lib.get_advantage_estimator("scaled") is scaled_centred
+  mask = np.ones((4, 2), np.int32)
+  mask[1, 1] = 0
+  got = adv_lib.compute_advantages("scaled", jnp.array([1.0, 0.0, 0.5, 0.5]), 2,
+                                   jnp.array(mask), scale=3.0)
+  # Group means 0.5 and 0.5: A = 3 · [0.5, −0.5, 0, 0], on unmasked tokens.
+  np.testing.assert_allclose(got, [[1.5, 1.5], [-1.5, 0.0], [0.0, 0.0], [0.0, 0.0]])
+  adv_lib.unregister_advantage_estimator("scaled")
+  assert "scaled" not in adv_lib.advantage_estimator_names()
+  with pytest.raises(ValueError, match="Unknown advantage estimator 'scaled'"):
+    adv_lib.compute_advantages("scaled", jnp.ones(4), 2, jnp.ones((4, 2)))
+
+
+def test_register_advantage_estimator_errors(clean_registry):
+  adv_lib.register_advantage_estimator("scaled", scaled_centred)
+  with pytest.raises(ValueError, match="already registered.*overwrite=True"):
+    adv_lib.register_advantage_estimator("scaled", scaled_centred)
+  with pytest.raises(ValueError, match="already registered"):
+    adv_lib.register_advantage_estimator("grpo", scaled_centred)
+  with pytest.raises(ValueError, match="must be callable"):
+    adv_lib.register_advantage_estimator("x", 3.0)
+  with pytest.raises(ValueError, match="cannot be called as"):
+    adv_lib.register_advantage_estimator("x", lambda rewards_B: rewards_B)
+  with pytest.raises(ValueError, match="cannot be called as"):  # no valid_B parameter
+    adv_lib.register_advantage_estimator("x", lambda r, g: r)
+  with pytest.raises(ValueError, match="cannot be replaced"):
+    adv_lib.register_advantage_estimator("remax", scaled_centred, overwrite=True)
+  for bad in ("", " x", 3):
+    with pytest.raises(ValueError, match="non-empty string"):
+      adv_lib.register_advantage_estimator(bad, scaled_centred)
+  with pytest.raises(ValueError, match="built-in"):
+    adv_lib.unregister_advantage_estimator("grpo")
+  with pytest.raises(ValueError, match="No advantage estimator"):
+    adv_lib.unregister_advantage_estimator("nope")
+  # overwrite=True replaces, a **kwargs function is accepted.
+  fn = lambda rewards_B, group_size, **opts: jnp.zeros_like(rewards_B)
+  adv_lib.register_advantage_estimator("scaled", fn, overwrite=True)
+  assert adv_lib.OUTCOME_ESTIMATORS["scaled"] is fn

@@ -484,3 +484,57 @@ def test_under_jit():
                  eps_high=0.28)
   np.testing.assert_allclose(f(logp, old, adv, mask), g(logp, old, adv, mask),
                              rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_registry():
+  """Restores the loss registry after the test (registrations are global)."""
+  saved = dict(pl.POLICY_LOSSES)
+  yield
+  pl.POLICY_LOSSES.clear()
+  pl.POLICY_LOSSES.update(saved)
+
+
+def scaled_ppo(logp_BT, old_logp_BT, adv_BT, mask_BT, *, scale, eps_high=0.2):
+  """ℓ = scale · ℓ^ppo: a custom loss with its own hyper-parameter."""
+  loss_BT, metrics = pl.ppo_clip(logp_BT, old_logp_BT, adv_BT, mask_BT, eps_high=eps_high)
+  return scale * loss_BT, metrics
+
+
+def test_register_policy_loss(clean_registry):
+  assert pl.register_policy_loss("scaled_ppo", scaled_ppo) is scaled_ppo
+  assert "scaled_ppo" in pl.policy_loss_names()
+  assert pl.get_policy_loss("scaled_ppo") is scaled_ppo
+  logp, old, adv, mask = _inputs()
+  loss, m = pl.policy_loss("scaled_ppo", logp, old, adv, mask, scale=0.5, eps_high=0.28)
+  want, _, hi, _ = _ref_ppo(logp.astype(float), old.astype(float), adv, mask, 0.2, 0.28)
+  np.testing.assert_allclose(loss, 0.5 * want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(m["clip_high_BT"], hi)
+  pl.unregister_policy_loss("scaled_ppo")
+  with pytest.raises(ValueError, match="Unknown policy loss 'scaled_ppo'"):
+    pl.policy_loss("scaled_ppo", logp, old, adv, mask, scale=0.5)
+
+
+def test_register_policy_loss_errors(clean_registry):
+  pl.register_policy_loss("scaled_ppo", scaled_ppo)
+  with pytest.raises(ValueError, match="already registered.*overwrite=True"):
+    pl.register_policy_loss("scaled_ppo", scaled_ppo)
+  with pytest.raises(ValueError, match="already registered"):
+    pl.register_policy_loss("ppo_clip", scaled_ppo)
+  with pytest.raises(ValueError, match="must be callable"):
+    pl.register_policy_loss("x", None)
+  with pytest.raises(ValueError, match="cannot be called"):
+    pl.register_policy_loss("x", lambda logp_BT, adv_BT: logp_BT)
+  with pytest.raises(ValueError, match="non-empty string"):
+    pl.register_policy_loss("", scaled_ppo)
+  with pytest.raises(ValueError, match="built-in"):
+    pl.unregister_policy_loss("cispo")
+  with pytest.raises(ValueError, match="No policy loss"):
+    pl.unregister_policy_loss("nope")
+  pl.register_policy_loss("ppo_clip", scaled_ppo, overwrite=True)
+  assert pl.POLICY_LOSSES["ppo_clip"] is scaled_ppo

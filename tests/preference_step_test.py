@@ -1,4 +1,5 @@
-"""The offline preference step: sharding equality, precomputed reference, KTO, learning."""
+"""The offline and online preference steps: sharding equality, precomputed reference, KTO,
+learning (offline DPO and online DPO raise held-out rule-following)."""
 import functools
 
 import jax
@@ -9,8 +10,9 @@ import pytest
 from jaxrl_llm import optim, sft, sharding, testing, tokenizers
 from jaxrl_llm.data import builders, pipeline, tasks
 from jaxrl_llm.models import decoder
-from jaxrl_llm.preference import losses
+from jaxrl_llm.preference import losses, online
 from jaxrl_llm.preference import step as ps
+from jaxrl_llm.rewards import registry
 from jaxrl_llm.sampling import sample
 from jaxrl_llm.train_state import create_train_state
 
@@ -197,8 +199,13 @@ E2E_PREF = pipeline.DataConfig(source="preference_arithmetic", max_prompt_len=6,
                                max_completion_len=4)
 
 
+@functools.lru_cache(maxsize=None)
 def sft_model(steps, seed=0):
-  """A briefly SFT'd tiny model on single-digit +/- problems (the train split)."""
+  """A briefly SFT'd tiny model on single-digit +/- problems (the train split).
+
+  Cached: the offline and the online test start from the same model (host
+  arrays; callers device_put them, so the cached copy is never donated).
+  """
   train = tasks.generate("arithmetic", "train", 40 * steps, seed, **OPTS)
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=3e-3, grad_clip_norm=1.0))
   mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
@@ -235,6 +242,23 @@ def greedy_rule_rate(cfg, params, problems):
   return float(np.mean(ok))
 
 
+@functools.lru_cache(maxsize=None)
+def _held_out_pairs():
+  return pipeline.make_batch(preference_examples(held_out_problems(), seed=5), E2E_PREF,
+                             tokenizer=TOK)
+
+
+@jax.jit
+def _rule_probability(params, pairs):
+  chosen, _ = ps.pair_logprobs(E2E_CFG, params, pairs)
+  return jnp.mean(jnp.exp(jnp.sum(chosen * pairs["chosen_mask"], 1)))
+
+
+def sample_rule_probability(params):
+  """P(a temperature-1 sample follows the rule), exact: mean_x π(y*(x) EOS | x) held out."""
+  return float(_rule_probability(params, _held_out_pairs()))
+
+
 def test_preference_optimisation_raises_held_out_rule_following():
   """SFT briefly, then RPO (DPO + η·NLL) on the synthetic arithmetic pairs.
 
@@ -250,8 +274,7 @@ def test_preference_optimisation_raises_held_out_rule_following():
   params, _ = sft_model(60)
   train = tasks.generate("arithmetic", "train", 64 * 45, 1, **OPTS)
   held_out = held_out_problems()
-  eval_pairs = pipeline.make_batch(preference_examples(held_out, seed=5), E2E_PREF,
-                                   tokenizer=TOK)
+  eval_pairs = _held_out_pairs()
 
   @jax.jit
   def pair_eval(params, ref):
@@ -259,10 +282,10 @@ def test_preference_optimisation_raises_held_out_rule_following():
     rc, rr = ps.pair_logprobs(E2E_CFG, ref, eval_pairs)
     cm, rm = eval_pairs["chosen_mask"], eval_pairs["rejected_mask"]
     h = jnp.sum((c - rc) * cm, 1) - jnp.sum((r - rr) * rm, 1)
-    return jnp.mean(h > 0), jnp.mean(h), jnp.mean(jnp.exp(jnp.sum(c * cm, 1)))
+    return jnp.mean(h > 0), jnp.mean(h)
 
   greedy_before = greedy_rule_rate(E2E_CFG, params, held_out)
-  _, _, sample_before = pair_eval(params, params)
+  sample_before = sample_rule_probability(params)
 
   pref = ps.PreferenceConfig(losses=(("rpo", 1.0),), beta=0.1, eta=1.0)
   step, state, sh, mesh = build(pref, lr=1e-3, params=params, cfg=E2E_CFG, adam_eps=1e-8)
@@ -273,11 +296,59 @@ def test_preference_optimisation_raises_held_out_rule_following():
     state, m = fn(state, pipeline.make_batch(exs, E2E_PREF, tokenizer=TOK), jax.random.key(i),
                   ref)
   params_after = jax.device_get(state.params)
-  accuracy, margin, sample_after = pair_eval(params_after, ref)
+  accuracy, margin = pair_eval(params_after, ref)
+  sample_after = sample_rule_probability(params_after)
   greedy_after = greedy_rule_rate(E2E_CFG, params_after, held_out)
   print(f"held-out: {len(held_out)} problems; pair accuracy {float(accuracy):.2f}, "
-        f"margin {float(margin):.2f}; P(sample follows rule) {float(sample_before):.3f} -> "
-        f"{float(sample_after):.3f}; greedy {greedy_before:.2f} -> {greedy_after:.2f}")
+        f"margin {float(margin):.2f}; P(sample follows rule) {sample_before:.3f} -> "
+        f"{sample_after:.3f}; greedy {greedy_before:.2f} -> {greedy_after:.2f}")
   assert float(accuracy) > 0.65 and float(margin) > 1.0
-  assert float(sample_after) > float(sample_before) + 0.08
+  assert sample_after > sample_before + 0.08
+  assert greedy_after > greedy_before + 0.15
+
+
+def test_online_dpo_raises_held_out_rule_following():
+  """SFT briefly, then online DPO: the policy's own samples, paired by the verifier.
+
+  Each jitted step samples G=8 answers per prompt at temperature 1, scores
+  them with the exact-result verifier (the synthetic task's rule), pairs a
+  correct answer with a wrong one (prompts whose 8 answers tie are masked)
+  and applies RPO against the starting policy. Measured on held-out problems
+  as in the offline test. Measured with three SFT seeds (this recipe, test
+  settings): greedy +0.24..+0.41, P(sample follows rule) +0.20..+0.25.
+  """
+  params, _ = sft_model(60)
+  held_out = held_out_problems()
+  greedy_before = greedy_rule_rate(E2E_CFG, params, held_out)
+  sample_before = sample_rule_probability(params)
+
+  pref = ps.PreferenceConfig(losses=(("rpo", 1.0),), beta=0.1, eta=1.0)
+  cfg = online.OnlineDPOConfig(num_samples=8, max_new_tokens=4, temperature=1.0,
+                               preference=pref)
+  host, sh, tx, mesh = _template(E2E_CFG, (1, 1, 1), 2e-3, 1e-8)
+  state = jax.device_put(host.replace(params=params), sh)
+  verifier = registry.build_reward_fn((("correct", 1.0),), TOK)
+  step = online.OnlineDPOStep(E2E_CFG, cfg, tx, verifier, eos_id=TOK.eos_id, pad_id=TOK.pad_id,
+                              mesh=mesh)
+  ref = jax.tree.map(jnp.copy, state.params)
+  fn = online.jit_online_dpo_step(step, sh, sh.params)
+  prompts_per_step, steps = 64, 60
+  train = tasks.generate("arithmetic", "train", prompts_per_step * steps, 1, **OPTS)
+  rewards, valid = [], []
+  for i in range(steps):
+    rows = train[prompts_per_step * i:prompts_per_step * (i + 1)]
+    state, m = fn(state, pipeline.make_batch(rows, RL_DATA, "rl", tokenizer=TOK),
+                  jax.random.key(i), ref, None)
+    rewards.append(float(m["reward/mean"]))
+    valid.append(float(m["online/valid_pair_frac"]))
+  assert fn._cache_size() == 1
+  params_after = jax.device_get(state.params)
+  sample_after = sample_rule_probability(params_after)
+  greedy_after = greedy_rule_rate(E2E_CFG, params_after, held_out)
+  print(f"online: reward {np.mean(rewards[:10]):.2f} -> {np.mean(rewards[-10:]):.2f}, valid "
+        f"pairs {np.mean(valid[:10]):.2f} -> {np.mean(valid[-10:]):.2f}; P(sample follows rule) "
+        f"{sample_before:.3f} -> {sample_after:.3f}; greedy {greedy_before:.2f} -> "
+        f"{greedy_after:.2f}")
+  assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.1
+  assert sample_after > sample_before + 0.12
   assert greedy_after > greedy_before + 0.15

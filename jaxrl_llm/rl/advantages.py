@@ -15,6 +15,10 @@ All math is done in float32 (inputs of lower precision are upcast; float64
 inputs stay float64 so finite-difference tests can run in double precision).
 The functions are pure and un-jitted: jit the training step that calls them.
 
+Estimators are looked up by name (`compute_advantages`, ``RLConfig.advantage``)
+in the live registry ``OUTCOME_ESTIMATORS``; add one with
+`register_advantage_estimator`.
+
 Shape suffixes:
   B: sequences (completions) in the batch, B = P * G.
   P: prompts (groups) in the batch.
@@ -22,6 +26,7 @@ Shape suffixes:
   T: completion time (token position within the completion).
 """
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -285,12 +290,159 @@ def reinforce_pp_baseline(
   return jnp.where(m_B > 0, adv_B, 0.0)
 
 
+# --------------------------------------------------------------------------
+# COPO: a global, consistency-based advantage blended with the local one
+# --------------------------------------------------------------------------
+
+COPO_BLENDS: tuple[str, ...] = ("soft_with_zero", "soft", "soft_with_forced")
+
+
+class CopoTerms(NamedTuple):
+  """The pieces of the COPO advantage (see `copo_terms`)."""
+  adv_B: Array            # blended advantage (1 − w_i)·A^glob_i + w_i·A^loc_i
+  local_B: Array          # A^loc: the GRPO advantage within the group
+  global_B: Array         # A^glob: the group's global reward, standardised over groups
+  weight_B: Array         # w_i: weight of the local advantage
+  entropy_P: Array        # H_p: outcome entropy of each group, in bits
+  global_reward_P: Array  # R_p: global (consistency) reward of each group
+
+
+def _group_entropy_bits(labels_B: Array, group_size: int, m_B: Array) -> Array:
+  """H_p = −Σ_a q_a log2 q_a over the outcome labels of group p's valid rows.
+
+  q_a is the fraction of the group's valid rows whose label is a. Computed as
+  H_p = −(1/n_p) Σ_{i valid} log2(c_i / n_p), with c_i the number of valid rows
+  sharing row i's label, so no label vocabulary is needed (labels only compare
+  for equality).
+  """
+  labels_PG = labels_B.reshape(-1, group_size)
+  m_PG = m_B.reshape(-1, group_size)
+  same_PGG = labels_PG[:, :, None] == labels_PG[:, None, :]
+  count_PG = jnp.sum(jnp.where(same_PGG, m_PG[:, None, :], 0.0), axis=-1)
+  n_P1 = jnp.maximum(jnp.sum(m_PG, axis=-1, keepdims=True), 1.0)
+  # where() keeps invalid rows (count 0, or NaN labels) out of the log.
+  log_q_PG = jnp.where(m_PG > 0, jnp.log2(jnp.maximum(count_PG, 1.0) / n_P1), 0.0)
+  return -jnp.sum(m_PG * log_q_PG, axis=-1) / n_P1[:, 0]
+
+
+def copo_terms(
+    rewards_B: Any,
+    group_size: int,
+    *,
+    answers_B: Any = None,
+    k: float = 5.0,
+    b: float = 1.0,
+    blend: str = "soft_with_zero",
+    consistency_coef: bool = False,
+    eps: float = 1e-4,
+    ddof: int = 1,
+    valid_B: Any = None,
+) -> CopoTerms:
+  """COPO advantage and its parts (Han et al. 2025, "COPO: Consistency-Aware
+  Policy Optimization", arXiv:2508.04138; formulas as in the authors' released
+  code, github.com/hijih/copo-code, whose ``soft-with-zero`` mode is COPO).
+
+  For group p with valid members i (n_p of them) and outcome labels a_i:
+    local       A^loc_i  = (r_i − mean_p r) / (std_p r + eps)          (GRPO)
+    entropy     H_p      = −Σ_a q_a log2 q_a, q_a = fraction of the group with label a
+    global      R_p      = mean_p r · c_p,  c_p = 1 − λ_p H_p if consistency_coef
+                           else 1,  λ_p = (1 − 1/n_p) / log2 n_p
+                A^glob_i = (R_p − mean_P R) / (std_P R + eps)
+                           (mean and std over the groups of the batch)
+    weight      s_p      = sigmoid(k · (H_p − b))
+                w_i      = s_p · [r_i ≠ 0]      blend="soft_with_zero" (COPO)
+                         = s_p                  blend="soft"
+                         = s_p · [A^loc_i ≠ 0]  blend="soft_with_forced"
+    advantage   A_i      = (1 − w_i) · A^glob_i + w_i · A^loc_i
+  Both stds use ``ddof`` (1 by default, as the reference code's torch.std).
+  A group whose outcomes are all equal has A^loc = 0 but still gets
+  (1 − w_i)·A^glob_i ≠ 0 as long as its global reward differs from the batch
+  mean: that is COPO's fix for GRPO's vanishing gradient. Confident (low
+  entropy) groups lean on the global advantage, diverse ones on the local one.
+  Defaults k = 5 (the paper's γ) and b = 1 (ρ) are those of the released
+  ``run_copo.sh``, which also leaves consistency_coef off.
+
+  ``answers_B`` are the outcome labels a_i (e.g. an id of each completion's
+  final answer; only equality matters). The paper uses the extracted final
+  answers. With ``answers_B=None`` the rewards themselves are the labels, a
+  coarser measure: with 0/1 rewards H_p ≤ 1 bit, and all wrong answers count
+  as one outcome.
+
+  The paper blends two clipped PPO losses, (1 − w)·ℓ(A^glob) + w·ℓ(A^loc);
+  blending the advantages instead gives the same loss value and gradient while
+  every token's ratio stays inside the clip range (always true for one update
+  per step, where ρ = 1) and may differ once clipping is active.
+  """
+  rewards_B = _check_rewards(rewards_B)
+  group_size = _check_group_size(rewards_B.shape[0], group_size)
+  if blend not in COPO_BLENDS:
+    raise ValueError(f"Unknown COPO blend {blend!r}; valid blends: {', '.join(COPO_BLENDS)}.")
+  num_rows = rewards_B.shape[0]
+  m_B = _valid_mask(valid_B, num_rows, rewards_B.dtype)
+  if answers_B is None:
+    labels_B = rewards_B
+  else:
+    labels_B = jnp.asarray(answers_B)
+    if labels_B.shape != (num_rows,):
+      raise ValueError(
+          f"answers_B must have shape ({num_rows},) to match rewards_B, got "
+          f"{labels_B.shape}.")
+
+  local_B = grpo(rewards_B, group_size, ddof=ddof, eps=eps, valid_B=m_B)
+  entropy_P = _group_entropy_bits(labels_B, group_size, m_B)
+  n_P, mean_P, _ = _group_moments(rewards_B, group_size, m_B, 0)
+  global_reward_P = mean_P
+  if consistency_coef:
+    log2_n_P = jnp.log2(jnp.maximum(n_P, 2.0))
+    lam_P = jnp.where(n_P >= 2, (1.0 - 1.0 / jnp.maximum(n_P, 1.0)) / log2_n_P, 0.0)
+    global_reward_P = mean_P * (1.0 - lam_P * entropy_P)
+  has_rows_P = (n_P > 0).astype(rewards_B.dtype)
+  batch_mean, batch_std = _masked_mean_std(global_reward_P, has_rows_P, ddof)
+  global_B = _per_row((global_reward_P - batch_mean) / (batch_std + eps), group_size)
+
+  weight_B = _per_row(jax.nn.sigmoid(k * (entropy_P - b)), group_size)
+  if blend == "soft_with_zero":
+    weight_B = weight_B * (rewards_B != 0)
+  elif blend == "soft_with_forced":
+    weight_B = weight_B * (local_B != 0)
+  on_B = m_B > 0
+  adv_B = (1.0 - weight_B) * global_B + weight_B * local_B
+  return CopoTerms(
+      adv_B=jnp.where(on_B, adv_B, 0.0),
+      local_B=local_B,
+      global_B=jnp.where(on_B, global_B, 0.0),
+      weight_B=jnp.where(on_B, weight_B, 0.0),
+      entropy_P=entropy_P,
+      global_reward_P=global_reward_P,
+  )
+
+
+def copo(
+    rewards_B: Any,
+    group_size: int,
+    *,
+    answers_B: Any = None,
+    k: float = 5.0,
+    b: float = 1.0,
+    blend: str = "soft_with_zero",
+    consistency_coef: bool = False,
+    eps: float = 1e-4,
+    ddof: int = 1,
+    valid_B: Any = None,
+) -> Array:
+  """COPO advantage A_i = (1 − w_i)·A^glob_i + w_i·A^loc_i; see `copo_terms`."""
+  return copo_terms(rewards_B, group_size, answers_B=answers_B, k=k, b=b, blend=blend,
+                    consistency_coef=consistency_coef, eps=eps, ddof=ddof,
+                    valid_B=valid_B).adv_B
+
+
 OUTCOME_ESTIMATORS: dict[str, Callable[..., Array]] = {
     "grpo": grpo,
     "dr_grpo": dr_grpo,
     "rloo": rloo,
     "batch_std": batch_std,
     "reinforce_pp_baseline": reinforce_pp_baseline,
+    "copo": copo,
 }
 
 
@@ -493,8 +645,108 @@ def overlong_penalty(lengths_B: Any, max_len: int, cache_len: int) -> Array:
 # Dispatcher
 # --------------------------------------------------------------------------
 
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = (
-    tuple(OUTCOME_ESTIMATORS) + ("reinforce_pp", "remax"))
+# Estimators the dispatcher calls with other inputs than an outcome estimator's;
+# they are not in OUTCOME_ESTIMATORS and cannot be replaced by registration.
+_SPECIAL_ESTIMATORS: tuple[str, ...] = ("reinforce_pp", "remax")
+_BUILTIN_OUTCOME_ESTIMATORS: frozenset[str] = frozenset(OUTCOME_ESTIMATORS)
+
+
+def advantage_estimator_names() -> tuple[str, ...]:
+  """Every name `compute_advantages` accepts now, registered ones included."""
+  return tuple(OUTCOME_ESTIMATORS) + _SPECIAL_ESTIMATORS
+
+
+def __getattr__(name: str) -> Any:
+  # ADVANTAGE_ESTIMATORS used to be a tuple frozen at import; it is now read
+  # from the live registry so that registered estimators appear in it.
+  if name == "ADVANTAGE_ESTIMATORS":
+    return advantage_estimator_names()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def get_advantage_estimator(name: str) -> Callable[..., Any]:
+  """The function behind an estimator name; ValueError listing the valid names."""
+  if name in OUTCOME_ESTIMATORS:
+    return OUTCOME_ESTIMATORS[name]
+  if name == "reinforce_pp":
+    return reinforce_pp
+  if name == "remax":
+    return remax
+  raise ValueError(
+      f"Unknown advantage estimator {name!r}; valid names: "
+      f"{', '.join(advantage_estimator_names())}.")
+
+
+def register_advantage_estimator(
+    name: str, fn: Callable[..., Any], *, overwrite: bool = False
+) -> Callable[..., Any]:
+  """Registers an outcome estimator under ``name``; returns ``fn``.
+
+  ``fn(rewards_B, group_size, *, valid_B=None, **options) -> adv_B`` (B,):
+  rows where valid_B is 0 must get advantage 0 and stay out of every
+  statistic. Once registered, the name is valid everywhere: in
+  `compute_advantages`, in ``RLConfig(advantage=name)`` and in the RL step,
+  which broadcasts adv_B to the completion tokens. Options come from
+  ``RLConfig.advantage_kwargs`` (and ``eps`` / ``ddof`` from ``adv_eps`` /
+  ``adv_std_ddof`` if ``fn`` names them). An estimator with an
+  ``answers_B`` parameter also receives the per-row answer labels when the
+  reward function reports an "answer_id" component (see `copo_terms`).
+
+  Raises ValueError for a name already registered (unless ``overwrite=True``),
+  for "reinforce_pp" / "remax" (dispatched with other inputs), for an empty or
+  non-string name, and for an ``fn`` that is not callable or cannot be called
+  as fn(rewards_B, group_size, valid_B=...). Register before building the
+  RLConfig and jitting the step: a compiled step keeps the function it traced.
+  """
+  if not isinstance(name, str) or not name or name != name.strip():
+    raise ValueError(f"An estimator name must be a non-empty string without surrounding "
+                     f"whitespace, got {name!r}.")
+  if name in _SPECIAL_ESTIMATORS:
+    raise ValueError(f"{name!r} is dispatched with other inputs than an outcome estimator "
+                     f"and cannot be replaced; choose another name.")
+  if name in OUTCOME_ESTIMATORS and not overwrite:
+    raise ValueError(f"An advantage estimator named {name!r} is already registered; pass "
+                     f"overwrite=True to replace it.")
+  if not callable(fn):
+    raise ValueError(f"Advantage estimator {name!r} must be callable, got {fn!r}.")
+  _check_signature(f"advantage estimator {name!r}", fn, 2, ("valid_B",),
+                   "fn(rewards_B, group_size, *, valid_B)")
+  OUTCOME_ESTIMATORS[name] = fn
+  return fn
+
+
+def unregister_advantage_estimator(name: str) -> None:
+  """Removes a registered estimator; built-in names cannot be removed."""
+  if name in _BUILTIN_OUTCOME_ESTIMATORS or name in _SPECIAL_ESTIMATORS:
+    raise ValueError(f"{name!r} is a built-in estimator and cannot be unregistered "
+                     f"(register another function with overwrite=True to replace it).")
+  if name not in OUTCOME_ESTIMATORS:
+    raise ValueError(f"No advantage estimator named {name!r} is registered.")
+  del OUTCOME_ESTIMATORS[name]
+
+
+def _check_signature(
+    what: str, fn: Callable[..., Any], num_positional: int, keywords: tuple[str, ...],
+    call: str
+) -> None:
+  """Raises ValueError if fn cannot accept the dispatcher's arguments."""
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):  # no signature to read (some C callables)
+    return
+  try:
+    sig.bind_partial(*([None] * num_positional), **dict.fromkeys(keywords))
+  except TypeError as e:
+    raise ValueError(f"{what}: {fn!r} cannot be called as {call} ({e}).") from None
+
+
+def _names_keyword(fn: Callable[..., Any], keyword: str) -> bool:
+  """Whether fn has a parameter named ``keyword`` (a **kwargs catch-all does not count)."""
+  try:
+    param = inspect.signature(fn).parameters.get(keyword)
+  except (TypeError, ValueError):
+    return False
+  return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
 def compute_advantages(
@@ -507,21 +759,21 @@ def compute_advantages(
     kl_BT: Any = None,
     kl_coef: float = 0.0,
     baseline_rewards_B: Any = None,
+    answers_B: Any = None,
     **opts: Any,
 ) -> Array:
-  """Per-token advantages adv_BT for any estimator in ADVANTAGE_ESTIMATORS.
+  """Per-token advantages adv_BT for any name in `advantage_estimator_names`.
 
-  Outcome estimators (``OUTCOME_ESTIMATORS``) compute A_i and broadcast it to
-  the completion tokens. "reinforce_pp" folds ``kl_coef · kl_BT`` into the
-  token rewards and ignores ``group_size``; "remax" needs
-  ``baseline_rewards_B``. ``opts`` go to the estimator (e.g. ``eps``,
-  ``ddof``). GAE needs a value model and is called directly (`gae`).
+  Outcome estimators (``OUTCOME_ESTIMATORS``, registered ones included)
+  compute A_i and broadcast it to the completion tokens. "reinforce_pp" folds
+  ``kl_coef · kl_BT`` into the token rewards and ignores ``group_size``;
+  "remax" needs ``baseline_rewards_B``. ``answers_B`` (per-row answer labels)
+  goes to outcome estimators with an ``answers_B`` parameter (e.g. "copo")
+  and is ignored by the others. ``opts`` go to the estimator (e.g.
+  ``eps``, ``ddof``). GAE needs a value model and is called directly (`gae`).
   Invalid rows (``valid_B``) get 0 on every token.
   """
-  if name not in ADVANTAGE_ESTIMATORS:
-    raise ValueError(
-        f"Unknown advantage estimator {name!r}; valid names: "
-        f"{', '.join(ADVANTAGE_ESTIMATORS)}.")
+  fn = get_advantage_estimator(name)  # ValueError listing the valid names
   if name == "reinforce_pp":
     return reinforce_pp(rewards_B, mask_BT, kl_BT=kl_BT, kl_coef=kl_coef,
                         valid_B=valid_B, **opts)
@@ -537,6 +789,7 @@ def compute_advantages(
           "of each row's prompt).")
     adv_B = remax(rewards_B, baseline_rewards_B, valid_B=valid_B, **opts)
   else:
-    adv_B = OUTCOME_ESTIMATORS[name](
-        rewards_B, group_size, valid_B=valid_B, **opts)
+    if answers_B is not None and _names_keyword(fn, "answers_B"):
+      opts = dict(opts, answers_B=answers_B)
+    adv_B = fn(rewards_B, group_size, valid_B=valid_B, **opts)
   return broadcast_to_tokens(adv_B, mask_BT)

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxrl_llm.rl import advantages, policy_losses
 
 LENGTH_SHAPINGS = ("none", "dler", "hapo", "grpo_lambda")
 MAX_LEN_SCHEDULES = ("none", "siri", "staged")
+
+# Options RLConfig sets from its own fields: {option name: RLConfig field}.
+ADVANTAGE_OPTION_FIELDS = {"eps": "adv_eps", "ddof": "adv_std_ddof"}
+LOSS_OPTION_FIELDS = {"eps_low": "eps_low", "eps_high": "eps_high", "clip_c": "dual_clip_c"}
+# Which of them each built-in estimator / loss receives.
+_BUILTIN_ADVANTAGE_OPTIONS = {
+    "grpo": ("eps", "ddof"), "copo": ("eps", "ddof"), "batch_std": ("eps",),
+    "reinforce_pp_baseline": ("eps",), "reinforce_pp": ("eps",), "dr_grpo": (), "rloo": (),
+    "remax": (),
+}
+_BUILTIN_LOSS_OPTIONS = {
+    "ppo_clip": ("eps_low", "eps_high"), "gspo": ("eps_low", "eps_high"),
+    "gspo_token": ("eps_low", "eps_high"), "dual_clip": ("eps_low", "eps_high", "clip_c"),
+    "cispo": ("eps_high",),  # no lower clip on the weight
+}
+# Arguments the dispatchers pass themselves: never settable through *_kwargs.
+_ADVANTAGE_RESERVED = ("name", "rewards_B", "group_size", "mask_BT", "valid_B", "kl_BT",
+                       "kl_coef", "baseline_rewards_B", "answers_B")
+_LOSS_RESERVED = ("name", "logp_BT", "old_logp_BT", "adv_BT", "mask_BT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,16 +46,20 @@ class RLConfig:
   top_k: int = 0
   top_p: float = 1.0
   # ADVANTAGE
-  advantage: str = "grpo"             # see advantages.ADVANTAGE_ESTIMATORS
+  advantage: str = "grpo"             # see advantages.advantage_estimator_names()
   adv_eps: float = 1e-4
   adv_std_ddof: int = 1               # grpo's std: ddof=1 (sample std) by default
   lambda_pos: float = 1.0             # scale of advantages of successful samples
   lambda_neg: float = 1.0             # ... and of unsuccessful ones
+  # Extra keyword options of the estimator, as (name, value) pairs (a dict is
+  # accepted and converted), e.g. (("k", 5.0), ("b", 1.0)) for copo.
+  advantage_kwargs: tuple[tuple[str, Any], ...] = ()
   # LOSS
-  policy_loss: str = "ppo_clip"       # see policy_losses.POLICY_LOSSES
+  policy_loss: str = "ppo_clip"       # see policy_losses.policy_loss_names()
   eps_low: float = 0.2
   eps_high: float = 0.2               # > eps_low: DAPO clip-higher
   dual_clip_c: float = 3.0
+  loss_kwargs: tuple[tuple[str, Any], ...] = ()  # extra options of the loss, as above
   aggregation: str = "token_mean"     # see policy_losses.AGGREGATION_MODES
   kl_coef: float = 0.0                # β; 0 skips the reference forward
   kl_estimator: str = "k3"
@@ -77,12 +102,24 @@ class RLConfig:
     check(self.group_size >= 1, "group_size", "must be >= 1")
     check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     check(self.temperature > 0, "temperature", "must be > 0")
-    check(self.advantage in advantages.ADVANTAGE_ESTIMATORS, "advantage",
-          f"choose one of {advantages.ADVANTAGE_ESTIMATORS}")
+    # The registries are read live, so registered estimators and losses validate.
+    check(self.advantage in advantages.advantage_estimator_names(), "advantage",
+          f"choose one of {advantages.advantage_estimator_names()} (or register one with "
+          f"advantages.register_advantage_estimator)")
     if self.advantage == "rloo":
       check(self.group_size >= 2, "group_size", "rloo needs at least 2 completions per prompt")
-    check(self.policy_loss in policy_losses.POLICY_LOSSES, "policy_loss",
-          f"choose one of {tuple(policy_losses.POLICY_LOSSES)}")
+    check(self.policy_loss in policy_losses.policy_loss_names(), "policy_loss",
+          f"choose one of {policy_losses.policy_loss_names()} (or register one with "
+          f"policy_losses.register_policy_loss)")
+    object.__setattr__(self, "advantage_kwargs",
+                       _normalize_kwargs("advantage_kwargs", self.advantage_kwargs))
+    object.__setattr__(self, "loss_kwargs", _normalize_kwargs("loss_kwargs", self.loss_kwargs))
+    _check_kwargs("advantage_kwargs", self.advantage_kwargs, self.advantage,
+                  advantages.get_advantage_estimator(self.advantage), ADVANTAGE_OPTION_FIELDS,
+                  _ADVANTAGE_RESERVED)
+    _check_kwargs("loss_kwargs", self.loss_kwargs, self.policy_loss,
+                  policy_losses.get_policy_loss(self.policy_loss), LOSS_OPTION_FIELDS,
+                  _LOSS_RESERVED)
     check(self.aggregation in policy_losses.AGGREGATION_MODES, "aggregation",
           f"choose one of {policy_losses.AGGREGATION_MODES}")
     check(self.kl_estimator in policy_losses.KL_KINDS, "kl_estimator",
@@ -131,19 +168,98 @@ class RLConfig:
     return self.epochs * self.minibatches
 
   def loss_options(self) -> dict[str, Any]:
-    """Keyword options of the configured policy loss."""
-    if self.policy_loss in ("ppo_clip", "gspo", "gspo_token"):
-      return dict(eps_low=self.eps_low, eps_high=self.eps_high)
-    if self.policy_loss == "dual_clip":
-      return dict(eps_low=self.eps_low, eps_high=self.eps_high, clip_c=self.dual_clip_c)
-    return dict(eps_high=self.eps_high)  # cispo: no lower clip on the weight
+    """Keyword options of the configured policy loss.
+
+    A built-in loss gets the options it is known to take (ε_low / ε_high / c);
+    a registered one gets those of eps_low, eps_high, clip_c that its
+    signature names. ``loss_kwargs`` are added on top.
+    """
+    fn = policy_losses.get_policy_loss(self.policy_loss)
+    return {**self._field_options(fn, self.policy_loss, policy_losses, _BUILTIN_LOSS_OPTIONS,
+                                  LOSS_OPTION_FIELDS), **dict(self.loss_kwargs)}
 
   def advantage_options(self) -> dict[str, Any]:
-    if self.advantage == "grpo":
-      return dict(eps=self.adv_eps, ddof=self.adv_std_ddof)
-    if self.advantage in ("batch_std", "reinforce_pp_baseline", "reinforce_pp"):
-      return dict(eps=self.adv_eps)
-    return {}
+    """Keyword options of the configured advantage estimator.
+
+    A built-in estimator gets the options it is known to take (eps, ddof); a
+    registered one gets those of eps, ddof that its signature names.
+    ``advantage_kwargs`` are added on top.
+    """
+    fn = advantages.get_advantage_estimator(self.advantage)
+    return {**self._field_options(fn, self.advantage, advantages, _BUILTIN_ADVANTAGE_OPTIONS,
+                                  ADVANTAGE_OPTION_FIELDS), **dict(self.advantage_kwargs)}
+
+  def _field_options(self, fn, name, module, builtin_options, option_fields) -> dict[str, Any]:
+    if name in builtin_options and getattr(module, name, None) is fn:
+      keys = builtin_options[name]
+    else:  # registered (or a built-in name replaced by registration)
+      named, _ = _keyword_parameters(fn)
+      keys = tuple(k for k in option_fields if k in named)
+    return {k: getattr(self, option_fields[k]) for k in keys}
+
+
+def _keyword_parameters(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
+  """(parameter names fn takes by keyword, whether it takes **kwargs)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):  # unreadable signature: accept anything
+    return frozenset(), True
+  named = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                        p.KEYWORD_ONLY))
+  return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _freeze(value: Any) -> Any:
+  """Lists (e.g. from a JSON config snapshot) become tuples, so configs stay hashable."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
+def _normalize_kwargs(field: str, value: Any) -> tuple[tuple[str, Any], ...]:
+  """A mapping or a sequence of (name, value) pairs -> a hashable tuple of pairs."""
+  where = f"RLConfig.{field}={value!r}"
+  if isinstance(value, Mapping):
+    items = list(value.items())
+  elif isinstance(value, (list, tuple)):
+    items = list(value)
+  else:
+    raise ValueError(f"{where}: must be a tuple of (name, value) pairs (or a dict)")
+  pairs = []
+  for item in items:
+    if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
+            and item[0]):
+      raise ValueError(f"{where}: every entry must be a (name, value) pair with a non-empty "
+                       f"string name, got {item!r}")
+    key, v = item[0], _freeze(item[1])
+    try:
+      hash(v)
+    except TypeError:
+      raise ValueError(f"{where}: the value of {key!r} is unhashable ({type(v).__name__}); "
+                       f"configs are static under jit, use a tuple or a scalar") from None
+    pairs.append((key, v))
+  keys = [k for k, _ in pairs]
+  duplicates = sorted({k for k in keys if keys.count(k) > 1})
+  if duplicates:
+    raise ValueError(f"{where}: duplicate name(s) {duplicates}")
+  return tuple(pairs)
+
+
+def _check_kwargs(field: str, pairs, name: str, fn: Callable[..., Any],
+                  option_fields: Mapping[str, str], reserved: tuple[str, ...]) -> None:
+  """Every key must be new to RLConfig and the dispatcher, and accepted by fn."""
+  named, var_kw = _keyword_parameters(fn)
+  for key, _ in pairs:
+    where = f"RLConfig.{field}: {key!r}"
+    if key in option_fields:
+      raise ValueError(f"{where} collides with a built-in option; set it through "
+                       f"RLConfig.{option_fields[key]} instead")
+    if key in reserved:
+      raise ValueError(f"{where} collides with an argument the RL step passes itself "
+                       f"(reserved: {reserved})")
+    if key not in named and not var_kw:
+      raise ValueError(f"{where} is not a parameter of {name!r} "
+                       f"({getattr(fn, '__name__', fn)!r} takes {sorted(named)})")
 
 
 # Presets: named bundles of RLConfig fields (formulas in ALGORITHMS.md).

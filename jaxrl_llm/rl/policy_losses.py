@@ -10,6 +10,9 @@ constants (stop-gradient). ``loss_BT`` is 0 on masked tokens; ``metrics`` is a
 dict of per-token float arrays (0 on masked tokens) that the caller averages
 over the mask, e.g. ``ratio_BT``, ``clip_low_BT``, ``clip_high_BT``.
 
+Losses are looked up by name (`policy_loss`, ``RLConfig.policy_loss``) in the
+live registry ``POLICY_LOSSES``; add one with `register_policy_loss`.
+
 Reduce ``loss_BT`` with `aggregate`, which returns a weighted sum and its
 denominator so that micro-batches and hosts combine exactly:
 loss = Σ total / Σ denom.
@@ -26,6 +29,7 @@ Shape suffixes:
   T: completion time (token position within the completion).
 """
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -278,6 +282,73 @@ POLICY_LOSSES: dict[str, LossFn] = {
 }
 
 
+_BUILTIN_POLICY_LOSSES: frozenset[str] = frozenset(POLICY_LOSSES)
+
+
+def policy_loss_names() -> tuple[str, ...]:
+  """Every name `policy_loss` accepts now, registered ones included."""
+  return tuple(POLICY_LOSSES)
+
+
+def get_policy_loss(name: str) -> LossFn:
+  """The function behind a loss name; ValueError listing the valid names."""
+  if name not in POLICY_LOSSES:
+    raise ValueError(
+        f"Unknown policy loss {name!r}; valid names: "
+        f"{', '.join(POLICY_LOSSES)}.")
+  return POLICY_LOSSES[name]
+
+
+def register_policy_loss(name: str, fn: LossFn, *, overwrite: bool = False) -> LossFn:
+  """Registers a policy loss under ``name``; returns ``fn``.
+
+  ``fn(logp_BT, old_logp_BT, adv_BT, mask_BT, **options) -> (loss_BT,
+  metrics)`` with the contract of this module's docstring (loss 0 on masked
+  tokens; metrics a dict of per-token arrays; the step averages
+  ``clip_low_BT`` / ``clip_high_BT`` when present). Once registered, the name
+  is valid in `policy_loss`, in ``RLConfig(policy_loss=name)`` and in the RL
+  step. Options come from ``RLConfig.loss_kwargs`` (and ``eps_low`` /
+  ``eps_high`` / ``clip_c`` from ``eps_low`` / ``eps_high`` / ``dual_clip_c``
+  if ``fn`` names them).
+
+  Raises ValueError for a name already registered (unless ``overwrite=True``),
+  an empty or non-string name, and an ``fn`` that is not callable or cannot
+  be called with the four arrays. Register before building the RLConfig and
+  jitting the step: a compiled step keeps the function it traced.
+  """
+  if not isinstance(name, str) or not name or name != name.strip():
+    raise ValueError(f"A policy loss name must be a non-empty string without surrounding "
+                     f"whitespace, got {name!r}.")
+  if name in POLICY_LOSSES and not overwrite:
+    raise ValueError(f"A policy loss named {name!r} is already registered; pass "
+                     f"overwrite=True to replace it.")
+  if not callable(fn):
+    raise ValueError(f"Policy loss {name!r} must be callable, got {fn!r}.")
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):  # no signature to read (some C callables)
+    sig = None
+  if sig is not None:
+    try:
+      sig.bind_partial(None, None, None, None)
+    except TypeError as e:
+      raise ValueError(
+          f"policy loss {name!r}: {fn!r} cannot be called as "
+          f"fn(logp_BT, old_logp_BT, adv_BT, mask_BT) ({e}).") from None
+  POLICY_LOSSES[name] = fn
+  return fn
+
+
+def unregister_policy_loss(name: str) -> None:
+  """Removes a registered loss; built-in names cannot be removed."""
+  if name in _BUILTIN_POLICY_LOSSES:
+    raise ValueError(f"{name!r} is a built-in policy loss and cannot be unregistered "
+                     f"(register another function with overwrite=True to replace it).")
+  if name not in POLICY_LOSSES:
+    raise ValueError(f"No policy loss named {name!r} is registered.")
+  del POLICY_LOSSES[name]
+
+
 def policy_loss(
     name: str,
     logp_BT: Any,
@@ -286,12 +357,8 @@ def policy_loss(
     mask_BT: Any,
     **opts: Any,
 ) -> tuple[Array, dict[str, Array]]:
-  """Dispatches to ``POLICY_LOSSES[name]``; ``opts`` go to that loss."""
-  if name not in POLICY_LOSSES:
-    raise ValueError(
-        f"Unknown policy loss {name!r}; valid names: "
-        f"{', '.join(POLICY_LOSSES)}.")
-  return POLICY_LOSSES[name](logp_BT, old_logp_BT, adv_BT, mask_BT, **opts)
+  """Dispatches to ``POLICY_LOSSES[name]`` (registered ones included); ``opts`` go to it."""
+  return get_policy_loss(name)(logp_BT, old_logp_BT, adv_BT, mask_BT, **opts)
 
 
 # --------------------------------------------------------------------------

@@ -287,6 +287,8 @@ class RLStep:
     valid_B = jnp.ones_like(rewards_B, dtype=bool)
     rows = {k: v for k, v in ro.items() if not k.startswith("baseline")}
     rows.update(rewards=rewards_B, correct=correct_B)
+    if "answer_id" in comps:  # per-row answer labels for estimators that take them (copo)
+      rows["answer_id"] = comps["answer_id"]
     if baseline_B is not None:
       rows["baseline_reward"] = baseline_B
     if rl.dynamic_sampling:
@@ -317,7 +319,8 @@ class RLStep:
     adv_BL = advantages.compute_advantages(
         rl.advantage, rows["rewards"], G, rows["completion_mask"], valid_B=valid_B,
         kl_BT=kl_BL, kl_coef=rl.kl_coef if rl.kl_in_reward else 0.0,
-        baseline_rewards_B=rows.get("baseline_reward"), **rl.advantage_options())
+        baseline_rewards_B=rows.get("baseline_reward"), answers_B=rows.get("answer_id"),
+        **rl.advantage_options())
     if rl.lambda_pos != 1.0 or rl.lambda_neg != 1.0:
       scale_B = jnp.where(rows["correct"] > 0, rl.lambda_pos, rl.lambda_neg)
       adv_BL = adv_BL * scale_B[:, None]
