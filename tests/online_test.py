@@ -34,21 +34,22 @@ def prompts(num=8, P=5, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _template(lr=3e-3):
+def _template(lr=3e-3, mesh_shape=(1, 1, 1)):
   """A host copy of a fresh TrainState: later states are device_puts, not new compiles."""
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=lr, grad_clip_norm=1.0))
-  mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
+  mesh = sharding.make_mesh(sharding.MeshConfig(mesh_shape),
+                            jax.devices()[:int(np.prod(mesh_shape))])
   state, sh = create_train_state(CFG, tx, jax.random.key(0), mesh)
   return jax.device_get(state), sh, tx, mesh
 
 
-def fresh_state():
-  host, sh, tx, mesh = _template()
+def fresh_state(mesh_shape=(1, 1, 1)):
+  host, sh, tx, mesh = _template(mesh_shape=mesh_shape)
   return jax.device_put(host, sh), sh, tx, mesh
 
 
-def build(online_cfg, reward=target_reward):
-  state, sh, tx, mesh = fresh_state()
+def build(online_cfg, reward=target_reward, mesh_shape=(1, 1, 1)):
+  state, sh, tx, mesh = fresh_state(mesh_shape)
   step = online.OnlineDPOStep(CFG, online_cfg, tx, reward, eos_id=EOS, mesh=mesh)
   return step, state, sh, mesh
 
@@ -144,6 +145,27 @@ def test_online_dpo_raises_reward():
   assert float(m["online/chosen_reward"]) >= float(m["online/rejected_reward"])
   print("online DPO reward/mean:", np.round(rewards, 2))
   assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.25, rewards
+
+
+@pytest.mark.parametrize("selection", ["best_worst", "dice"])
+def test_eight_devices_equal_one_device(selection):
+  """Sampling, scoring, pair selection and the update: the same on a (2, 2, 2) mesh."""
+  cfg = online.OnlineDPOConfig(num_samples=4, max_new_tokens=5, selection=selection,
+                               preference=PreferenceConfig(beta=0.1))
+  results = []
+  for mesh_shape in ((1, 1, 1), (2, 2, 2)):
+    step, state, sh, mesh = build(cfg, mesh_shape=mesh_shape)
+    ref = jax.device_put(perturb(state.params), sh.params)
+    fn = online.jit_online_dpo_step(step, sh, sh.params)
+    batch = sharding.shard_batch(prompts(), mesh)
+    for i in range(2):
+      state, m = fn(state, batch, jax.random.key(i), ref, None)
+    results.append((jax.device_get(state.params), jax.device_get(m)))
+  (p1, m1), (p8, m8) = results
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), p1, p8)
+  for k in ("reward/mean", "loss/total", "online/valid_pair_frac", "online/selection_score_gap",
+            "online/response_length"):
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def test_sea_and_dice_steps_run():
