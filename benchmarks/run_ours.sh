@@ -42,8 +42,8 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
     variants)
       run 150 benchmarks.w1_grpo_step --repeats 3  # same machine as the variant
       run 150 benchmarks.w1_grpo_step --repeats 3 --variant rollout_bf16 --tag rollout_bf16
-      run 120 benchmarks.w3_decode --repeats 3 --tag unrolled \
-        --variants b64_unrolled,b512_unrolled
+      run 150 benchmarks.w3_decode --repeats 3 --tag cache2x \
+        --variants b64_cache2x,b512_cache2x
       run 150 benchmarks.w3_decode --repeats 3 --tag extra \
         --variants b512_f32params,b512_greedy,b512_xla,b64_xla
       run 60 benchmarks.w4_dpo_step --microbatches 1 --tag mb1

@@ -17,7 +17,7 @@ Reported per variant:
 
 Variants: parameter storage dtype (bf16 inference copy vs the f32 master
 weights the RL step samples with), attention implementation, greedy vs
-sampling, layers scanned (the default) or unrolled (`scan_layers=False`).
+sampling, a cache twice as long (how many passes a step makes over it).
 
   python -m benchmarks.w3_decode [--smoke] [--variants b1,b64,...]
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 import traceback
 
 import jax
@@ -36,22 +37,20 @@ from benchmarks import common
 from jaxrl_llm.models import decoder
 from jaxrl_llm.sampling import sample
 
-# name -> (batch, param_dtype, attention_impl, greedy, measure_prefill, scan_layers)
+# name -> (batch, param_dtype, attention_impl, greedy, measure_prefill)
 # (batch 1's prefill is a few ms against ~1 s of decoding: total / 512 bounds its step)
 VARIANTS = {
-    "b1": (1, "bfloat16", "auto", False, False, True),
-    "b64": (64, "bfloat16", "auto", False, True, True),
-    "b512": (512, "bfloat16", "auto", False, True, True),
-    "b64_f32params": (64, "float32", "auto", False, False, True),
-    "b512_f32params": (512, "float32", "auto", False, False, True),
-    "b64_xla": (64, "bfloat16", "xla", False, False, True),
-    "b512_xla": (512, "bfloat16", "xla", False, False, True),
-    "b512_greedy": (512, "bfloat16", "auto", True, False, True),
-    "b64_unrolled": (64, "bfloat16", "auto", False, False, False),
-    "b512_unrolled": (512, "bfloat16", "auto", False, False, False),
+    "b1": (1, "bfloat16", "auto", False, False),
+    "b64": (64, "bfloat16", "auto", False, True),
+    "b512": (512, "bfloat16", "auto", False, True),
+    "b64_f32params": (64, "float32", "auto", False, False),
+    "b512_f32params": (512, "float32", "auto", False, False),
+    "b64_xla": (64, "bfloat16", "xla", False, False),
+    "b512_xla": (512, "bfloat16", "xla", False, False),
+    "b512_greedy": (512, "bfloat16", "auto", True, False),
     # b64 / b512 without the prefill-only compile (for comparisons under XLA_FLAGS)
-    "b64_np": (64, "bfloat16", "auto", False, False, True),
-    "b512_np": (512, "bfloat16", "auto", False, False, True),
+    "b64_np": (64, "bfloat16", "auto", False, False),
+    "b512_np": (512, "bfloat16", "auto", False, False),
 }
 # Same as b64 / b512 but with a KV cache twice as long (P + 2·512 extra empty
 # slots): the step time's growth shows how many times a step moves the cache.
@@ -60,13 +59,12 @@ DEFAULT = "b1,b64,b512"
 
 
 def run_variant(args, name, size, prompt_len, new_tokens, floors):
-  batch, param_dtype, attn, greedy, measure_prefill, scan = VARIANTS[CACHE_2X.get(name, name)]
+  batch, param_dtype, attn, greedy, measure_prefill = VARIANTS[CACHE_2X.get(name, name)]
   cache_size = 2 * (prompt_len + new_tokens) if name in CACHE_2X else None
   measure_prefill = measure_prefill and cache_size is None
   if args.smoke:
     batch = min(batch, 4)
-  cfg = common.qwen25_config(size, param_dtype=param_dtype, attention_impl=attn).replace(
-      scan_layers=scan)
+  cfg = common.qwen25_config(size, param_dtype=param_dtype, attention_impl=attn)
   params = decoder.init_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   prompt = jnp.asarray(common.random_tokens(rng, (batch, prompt_len), cfg.vocab_size))
@@ -78,7 +76,9 @@ def run_variant(args, name, size, prompt_len, new_tokens, floors):
                                      greedy=greedy, stop_tokens=(), cache_size=cache_size))
 
   full = make(new_tokens)
+  t0 = time.perf_counter()
   out = common.block(full(params, prompt, mask, key))
+  first_call_s = time.perf_counter() - t0  # compile + one run
   lengths = np.asarray(out.lengths_B)
   assert np.all(lengths == new_tokens), f"rows stopped early: {lengths}"
   assert len(np.unique(np.asarray(out.tokens_BL))) > 1, "degenerate samples"
@@ -86,8 +86,8 @@ def run_variant(args, name, size, prompt_len, new_tokens, floors):
   times = common.time_calls(lambda: full(params, prompt, mask, key), warmup=0,
                             repeats=args.repeats)
   res = {"variant": name, "batch": batch, "param_dtype": param_dtype, "attention_impl": attn,
-         "greedy": greedy, "scan_layers": scan, "cache_size": cache_size or prompt_len + new_tokens,
-         "full": common.summarize(times)}
+         "greedy": greedy, "cache_size": cache_size or prompt_len + new_tokens,
+         "full": common.summarize(times), "first_call_s": first_call_s}
   t_full = res["full"]["median_s"]
   res["tokens_per_s"] = batch * new_tokens / t_full
   res["step_ms_upper"] = t_full / new_tokens * 1e3  # prefill included: an upper bound

@@ -34,7 +34,10 @@ Components (bytes per device):
   reference params  one more copy of the parameters when a KL penalty or DPO
                     needs π_ref (never donated, so never reused).
   KV cache          2 (k, v) × L × r × S × K/t × H × cache bytes (rollout only).
-  rollout working   one layer of the prefill (no gradient): r × P × c ×
+  rollout working   the sampling copy of the weights (cast to the compute
+                    dtype and split per layer once per rollout, see
+                    `decoder.split_layers`): parameter elements per device × c;
+                    one layer of the prefill (no gradient): r × P × c ×
                     (3D + (N + 2K)·H/t + 3F/t) + attention scores r × N/t × P × S
                     × (4 + c) (float32 logits, probabilities) + last-position
                     logits r × V/t × 4.
@@ -132,7 +135,9 @@ class MemoryPlan:
 
   @property
   def largest(self) -> str:
-    return max(self.components, key=self.components.get)
+    """The largest component that counts toward the peak (the other phase's do not)."""
+    off_peak = _UPDATE if self.rollout_bytes > self.update_bytes else _ROLLOUT
+    return max((k for k in self.components if k not in off_peak), key=self.components.get)
 
   def table(self) -> str:
     """A printable table of the components and the peak."""
@@ -280,7 +285,8 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
     kv_elems = sh.elems(("layers", "act_batch", None, "kv_heads", None), (L, roll_rows, S, K, H))
     out["KV cache"] = 2 * kv_elems * kv_dt
     out["rollout working set"] = (
-        r * P * c * (3 * D + (N / t_heads + 2 * K / t_kv) * H + 3 * F / t_mlp)
+        p_elems * c
+        + r * P * c * (3 * D + (N / t_heads + 2 * K / t_kv) * H + 3 * F / t_mlp)
         + r * (N / t_heads) * P * S * (4 + c) + r * (V / t_vocab) * 4)
 
   # UPDATE: saved residuals of the scanned layers + one layer's working set + the head.

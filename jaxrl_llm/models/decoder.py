@@ -2,7 +2,8 @@
 
 Parameters are a nested dict of arrays; layers are stacked along a leading
 `layers` axis and run with `lax.scan` (fast compiles, one layer's activations
-live at a time). The KV cache is a dict pytree passed in and returned.
+live at a time). The KV cache is a dict pytree passed in and returned, with
+one buffer per layer; decoding unrolls the layers (see `forward_with_cache`).
 
 Shape letters:
   B batch, T query time, S key/cache time, L layers, D hidden size,
@@ -285,15 +286,37 @@ def forward(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int,
                dtype: Optional[str] = None) -> Cache:
-  """An empty KV cache: k/v [L, B, S, K, H], per-slot validity, write index."""
+  """An empty KV cache: one k and one v buffer [B, S, K, H] per layer, per-slot
+  validity [B, S] and the write index.
+
+  Per-layer buffers (tuples of L arrays, not one stacked [L, ...] array) let
+  the decode loop update and read each layer's cache in place; a slice of a
+  stacked cache is a copy on GPU.
+  """
   dt = jnp.dtype(dtype) if dtype is not None else cfg.compute_dtype
-  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+  shape = (batch_size, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
   return {
-      "k": jnp.zeros(shape, dt),
-      "v": jnp.zeros(shape, dt),
+      "k": tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+      "v": tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
       "valid": jnp.zeros((batch_size, max_len), bool),  # [B, S]
       "index": jnp.zeros((), jnp.int32),  # next slot to write
   }
+
+
+def split_layers(params: Params) -> Params:
+  """params with "layers" as a tuple of per-layer trees instead of stacked arrays.
+
+  For decoding: slicing the stacked [L, ...] weights once, before the decode
+  loop, spares a per-layer slice copy at every generated token. Costs one
+  copy of the layer weights while the result is alive (fused into the cast
+  when the caller casts the params for sampling anyway).
+  """
+  layers = params["layers"]
+  if isinstance(layers, (tuple, list)):
+    return params
+  num_layers = jax.tree.leaves(layers)[0].shape[0]
+  return dict(params, layers=tuple(jax.tree.map(lambda p, i=i: p[i], layers)
+                                   for i in range(num_layers)))
 
 
 def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
@@ -308,37 +331,34 @@ def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
   The new keys/values are written at slots [index, index + T) for every row
   (left-padded batches stay aligned); `valid_BT` marks real tokens, so pad
   slots are never attended. A query at slot index + i attends valid slots
-  <= index + i.
+  <= index + i. The layers are unrolled (the cache is per layer, see
+  `init_cache`); `params["layers"]` may be stacked or `split_layers` output.
   """
   B, T = tokens_BT.shape
-  S = cache["k"].shape[2]
+  S = cache["k"][0].shape[1]
   index = cache["index"]
   valid_BS = jax.lax.dynamic_update_slice(cache["valid"], valid_BT.astype(bool), (0, index))
   slot_S = jnp.arange(S)
   query_slot_T = index + jnp.arange(T)
   mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_T[None, :, None])
   inv_freq = rope_inv_freq(cfg)
-  kv_dtype = cache["k"].dtype
+  layers = split_layers(params)["layers"]
 
-  def body(carry, lp):
-    x, k_cache, v_cache, layer = carry
+  x = embed(cfg, params, tokens_BT)
+  new_k, new_v = [], []
+  for lp, k_cache, v_cache in zip(layers, cache["k"], cache["v"], strict=True):
 
-    def kv_fn(k, v):
+    def kv_fn(k, v, k_cache=k_cache, v_cache=v_cache):
       zero = jnp.zeros((), jnp.int32)
-      start = (layer, zero, index, zero, zero)
-      kc = jax.lax.dynamic_update_slice(k_cache, k.astype(kv_dtype)[None], start)
-      vc = jax.lax.dynamic_update_slice(v_cache, v.astype(kv_dtype)[None], start)
-      k_l = kc[layer].astype(cfg.compute_dtype)
-      v_l = vc[layer].astype(cfg.compute_dtype)
-      return k_l, v_l, mask_BTS, (kc, vc)
+      kc = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, index, zero, zero))
+      vc = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, index, zero, zero))
+      return kc.astype(cfg.compute_dtype), vc.astype(cfg.compute_dtype), mask_BTS, (kc, vc)
 
-    x, (k_cache, v_cache) = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn)
-    return (x, k_cache, v_cache, layer + 1), None
-
-  carry = (embed(cfg, params, tokens_BT), cache["k"], cache["v"], jnp.zeros((), jnp.int32))
-  (x, k_cache, v_cache, _), _ = _scan_layers(cfg, body, carry, params["layers"])
+    x, (kc, vc) = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn)
+    new_k.append(kc)
+    new_v.append(vc)
   h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-  new_cache = {"k": k_cache, "v": v_cache, "valid": valid_BS, "index": index + T}
+  new_cache = {"k": tuple(new_k), "v": tuple(new_v), "valid": valid_BS, "index": index + T}
   return (h if return_hidden else unembed(cfg, params, h)), new_cache
 
 
