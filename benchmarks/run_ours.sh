@@ -40,8 +40,7 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       run 100 benchmarks.w2_train_step --variant dots_mb2 --tag dots_mb2
       run 150 benchmarks.w3_decode --variants b1,b64,b512 ;;
     variants)
-      run 150 benchmarks.w1_grpo_step --repeats 3  # same machine as the variant
-      run 150 benchmarks.w1_grpo_step --repeats 3 --variant rollout_bf16 --tag rollout_bf16
+      run 150 benchmarks.w1_grpo_step --repeats 3  # same machine as the variants
       run 150 benchmarks.w3_decode --repeats 3 --tag cache2x \
         --variants b64_cache2x,b512_cache2x
       run 150 benchmarks.w3_decode --repeats 3 --tag extra \

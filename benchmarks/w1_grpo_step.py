@@ -15,16 +15,10 @@ advantages, PPO-clip loss, k3 KL to the reference with β = 0.04):
 f32 master weights (and reference copy), bf16 compute. Reported: step
 seconds (median), sequences/s, completion tokens/s, peak device memory.
 
-Variant "rollout_bf16" samples with a bf16 copy of the parameters made once
-per step instead of the f32 master weights (a proposed library change,
-measured here by overriding `RLStep.rollout` in this file only).
-
-  python -m benchmarks.w1_grpo_step [--smoke] [--variant base|rollout_bf16]
+  python -m benchmarks.w1_grpo_step [--smoke]
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -45,19 +39,8 @@ def even_token_reward(inputs):
   return frac, {"correct": (frac > 0.5).astype(jnp.float32)}
 
 
-@dataclasses.dataclass(frozen=True)
-class RolloutInComputeDtype(rls.RLStep):
-  """RLStep whose sampler reads a compute-dtype copy of the parameters."""
-
-  def rollout(self, params, batch, rng, step):
-    dt = self.model.compute_dtype
-    params = jax.tree.map(lambda p: p.astype(dt) if p.dtype != dt else p, params)
-    return super().rollout(params, batch, rng, step)
-
-
 def main():
   p = common.base_parser(__doc__)
-  p.add_argument("--variant", default="base", choices=("base", "rollout_bf16"))
   p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor (multi-GPU runs)")
   p.add_argument("--microbatches", type=int, default=16)
   p.add_argument("--remat", default="dots_no_batch")
@@ -80,8 +63,7 @@ def main():
   state, sh = create_train_state(cfg, tx, jax.random.key(0), mesh,
                                  extra_fn=lambda: rls.init_rl_extra(rl))
   ref_params = jax.tree.map(jnp.copy, state.params)
-  cls = RolloutInComputeDtype if args.variant == "rollout_bf16" else rls.RLStep
-  step = cls(cfg, rl, tx, even_token_reward, eos_id=-1, pad_id=0, mesh=mesh)
+  step = rls.RLStep(cfg, rl, tx, even_token_reward, eos_id=-1, pad_id=0, mesh=mesh)
   fn = rls.jit_rl_step(step, sh, None, sh.params)
   rng = np.random.default_rng(0)
   batch = {"prompt_tokens": common.random_tokens(rng, (R, P), cfg.vocab_size),
@@ -102,7 +84,7 @@ def main():
   m = jax.device_get(common.block(call()))
   s = common.summarize(times)
   B = R * G
-  res = {"variant": args.variant, "step": s, "sequences_per_s": B / s["median_s"],
+  res = {"variant": "base", "step": s, "sequences_per_s": B / s["median_s"],
          "completion_tokens_per_s": B * L / s["median_s"], "peak_gib": common.peak_gib(),
          "metrics_last": {k: float(v) for k, v in m.items()}}
   config = {"size": size, "prompts": R, "group_size": G, "prompt_len": P, "new_tokens": L,
@@ -113,7 +95,7 @@ def main():
   common.write_record(args, "w1_grpo_step", config, res)
   common.print_table(f"W1 GRPO step {size}, {R}x{G} seqs, prompt {P}, {L} new",
                      ["variant", "step s", "seq/s", "tok/s", "peak GiB"],
-                     [[args.variant, s["median_s"], res["sequences_per_s"],
+                     [["base", s["median_s"], res["sequences_per_s"],
                        res["completion_tokens_per_s"], res["peak_gib"]]])
 
 

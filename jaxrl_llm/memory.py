@@ -36,7 +36,7 @@ Components (bytes per device):
   KV cache          2 (k, v) × L × r × S × K/t × H × cache bytes (rollout only).
   rollout working   the sampling copy of the weights (cast to the compute
                     dtype and split per layer once per rollout, see
-                    `decoder.split_layers`): parameter elements per device × c;
+                    `decoder.decode_params`): parameter elements per device × c;
                     one layer of the prefill (no gradient): r × P × c ×
                     (3D + (N + 2K)·H/t + 3F/t) + attention scores r × N/t × P × S
                     × (4 + c) (float32 logits, probabilities) + last-position

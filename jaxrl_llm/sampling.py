@@ -2,9 +2,10 @@
 
 Everything has static shapes: the KV cache is preallocated for prompt plus
 `max_new_tokens`, finished rows keep running (their outputs are masked) and
-the loop exits early once every row has emitted a stop token. The layer
-weights are split out of their stacked arrays once, before the loop, and the
-cache has one buffer per layer, so a decode step reads each in place. `sample` is a
+the loop exits early once every row has emitted a stop token. The weights
+are cast to the compute dtype and split out of their stacked arrays once,
+before the loop (`decoder.decode_params`), and the cache has one buffer per
+layer, so a decode step reads each in place. `sample` is a
 pure function: jit it (or call it inside a jitted step) with the sampling
 options bound, e.g.
 
@@ -108,7 +109,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
             cache_size)
   stop_ids = jnp.asarray(tuple(stop_tokens) or (-1,), jnp.int32)
   prompt_mask_BP = prompt_mask_BP.astype(bool)
-  params = decoder.split_layers(params)  # once, not per generated token
+  params = decoder.decode_params(cfg, params)  # cast and split once, not per token
 
   # PREFILL: the whole prompt in one pass; only the last position is unembedded.
   prompt_len_B = jnp.sum(prompt_mask_BP, axis=1).astype(jnp.int32)

@@ -15,7 +15,7 @@ from jaxrl_llm.models import (
   param_shapes,
   token_logprobs,
 )
-from jaxrl_llm.models.decoder import positions_from_segments
+from jaxrl_llm.models.decoder import decode_params, positions_from_segments
 
 
 @pytest.fixture(params=["llama", "qwen2", "qwen3"])
@@ -60,6 +60,32 @@ def test_cached_prefill_and_decode_equal_full_forward(model):
     outs.append(logits)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
   assert int(cache["index"]) == T
+  # One k and one v buffer per layer, so decoding updates and reads them in place.
+  assert len(cache["k"]) == len(cache["v"]) == cfg.num_layers
+  assert cache["k"][0].shape == (2, 16, cfg.num_kv_heads, cfg.resolved_head_dim)
+
+
+def test_decode_params_cast_split_and_give_the_same_logits(model):
+  cfg, params = model
+  dp = decode_params(cfg, params)
+  assert decode_params(cfg, dp) is dp  # idempotent
+  assert isinstance(dp["layers"], tuple) and len(dp["layers"]) == cfg.num_layers
+  for i, layer in enumerate(dp["layers"]):
+    np.testing.assert_array_equal(layer["q"], params["layers"]["q"][i])
+  toks = jax.random.randint(jax.random.key(5), (2, 6), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  valid = jnp.ones((2, 6), bool)
+  a, _ = forward_with_cache(cfg, params, toks, pos, valid, init_cache(cfg, 2, 8))
+  b, _ = forward_with_cache(cfg, dp, toks, pos, valid, init_cache(cfg, 2, 8))
+  np.testing.assert_array_equal(a, b)
+  # bf16 compute: matmul weights cast once, norm weights kept as stored.
+  bf = cfg.replace(dtype="bfloat16")
+  dp16 = decode_params(bf, params)
+  assert dp16["layers"][0]["q"].dtype == jnp.bfloat16 and dp16["embed"].dtype == jnp.bfloat16
+  assert dp16["layers"][0]["attn_norm"].dtype == dp16["final_norm"].dtype == jnp.float32
+  a, _ = forward_with_cache(bf, params, toks, pos, valid, init_cache(bf, 2, 8))
+  b, _ = forward_with_cache(bf, dp16, toks, pos, valid, init_cache(bf, 2, 8))
+  np.testing.assert_array_equal(a, b)
 
 
 def test_left_padding_equals_unpadded(model):

@@ -303,19 +303,24 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int,
   }
 
 
-def split_layers(params: Params) -> Params:
-  """params with "layers" as a tuple of per-layer trees instead of stacked arrays.
+def decode_params(cfg: ModelConfig, params: Params) -> Params:
+  """The weights as the decode loop reads them, made once per `sampling.sample`.
 
-  For decoding: slicing the stacked [L, ...] weights once, before the decode
-  loop, spares a per-layer slice copy at every generated token. Costs one
-  copy of the layer weights while the result is alive (fused into the cast
-  when the caller casts the params for sampling anyway).
+  Matmul weights are cast to the compute dtype (the forward casts them the
+  same way; norm weights stay as stored) and "layers" becomes a tuple of
+  per-layer trees instead of stacked [L, ...] arrays: slicing and casting
+  once, before the loop, spares a per-layer copy at every generated token.
+  Costs one copy of the weights (in the compute dtype) while it is alive.
+  Idempotent.
   """
   layers = params["layers"]
   if isinstance(layers, (tuple, list)):
     return params
+  dt = cfg.compute_dtype
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: p if "norm" in jax.tree_util.keystr(path) else p.astype(dt), params)
   num_layers = jax.tree.leaves(layers)[0].shape[0]
-  return dict(params, layers=tuple(jax.tree.map(lambda p, i=i: p[i], layers)
+  return dict(params, layers=tuple(jax.tree.map(lambda p, i=i: p[i], params["layers"])
                                    for i in range(num_layers)))
 
 
@@ -332,7 +337,7 @@ def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
   (left-padded batches stay aligned); `valid_BT` marks real tokens, so pad
   slots are never attended. A query at slot index + i attends valid slots
   <= index + i. The layers are unrolled (the cache is per layer, see
-  `init_cache`); `params["layers"]` may be stacked or `split_layers` output.
+  `init_cache`); `params` may be stored params or `decode_params` output.
   """
   B, T = tokens_BT.shape
   S = cache["k"][0].shape[1]
@@ -342,7 +347,8 @@ def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
   query_slot_T = index + jnp.arange(T)
   mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_T[None, :, None])
   inv_freq = rope_inv_freq(cfg)
-  layers = split_layers(params)["layers"]
+  params = decode_params(cfg, params)
+  layers = params["layers"]
 
   x = embed(cfg, params, tokens_BT)
   new_k, new_v = [], []

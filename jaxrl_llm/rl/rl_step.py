@@ -104,12 +104,7 @@ class RLStep:
     """G completions per prompt; returns per-completion arrays (B rows)."""
     rl = self.rl
     rows = _repeat(dict(batch), rl.group_size)
-    if self.model.param_dtype != self.model.dtype:
-      # Cast the matmul weights once for the whole decode loop instead of once per
-      # token (the forward casts them the same way; norm weights stay as stored).
-      dt = self.model.compute_dtype
-      params = jax.tree_util.tree_map_with_path(
-          lambda path, p: p if "norm" in jax.tree_util.keystr(path) else p.astype(dt), params)
+    params = decoder.decode_params(self.model, params)  # once for both samplers (remax)
     out = sample(self.model, params, rows["prompt_tokens"], rows["prompt_mask"], rng,
                  max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                  top_k=rl.top_k, top_p=rl.top_p, stop_tokens=(self.eos_id,),
