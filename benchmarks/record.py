@@ -46,12 +46,26 @@ def out_dir(args) -> str:
   return path
 
 
+def portable_argv(args) -> list[str]:
+  """sys.argv without machine paths: the script relative to the repo, --out as $OUT/..."""
+  out = os.path.abspath(out_dir(args))
+  argv = []
+  for a in sys.argv:
+    full = os.path.abspath(a) if os.sep in a else a
+    if full == out:
+      a = "$OUT/" + os.path.basename(out)
+    elif full.startswith(REPO + os.sep):
+      a = os.path.relpath(full, REPO)
+    argv.append(a)
+  return argv
+
+
 def write_json(args, name: str, record: dict) -> str:
   """Adds date, commit, argv and smoke flag to `record`; writes OUT/name[_tag].json."""
   full = {"workload": name,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "commit": commit(), "python": platform.python_version(),
-          "smoke": bool(getattr(args, "smoke", False)), "argv": sys.argv}
+          "smoke": bool(getattr(args, "smoke", False)), "argv": portable_argv(args)}
   full.update(record)
   suffix = f"_{args.tag}" if getattr(args, "tag", "") else ""
   path = os.path.join(out_dir(args), f"{name}{suffix}.json")
