@@ -159,15 +159,20 @@ def _attention_impl(cfg: ModelConfig) -> Optional[str]:
   return "xla"
 
 
-def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-  """Grouped-query softmax attention through `jax.nn.dot_product_attention`."""
-  out = jax.nn.dot_product_attention(
+def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS, kv_len_B=None):
+  """Grouped-query softmax attention through `jax.nn.dot_product_attention`.
+
+  `kv_len_B` (optional) bounds the key slots that can be attended, [0,
+  kv_len): the mask already excludes the rest, and the fused GPU kernel then
+  skips reading them (the empty tail of a preallocated KV cache).
+  """
+  return jax.nn.dot_product_attention(
       q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None, :, :],
-      implementation=_attention_impl(cfg))
-  return out
+      key_value_seq_lengths=kv_len_B, implementation=_attention_impl(cfg))
 
 
-def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, kv_fn):
+def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, kv_fn,
+           kv_len_B=None):
   """One pre-norm block: x + attn(norm(x)); x + mlp(norm(x)).
 
   `kv_fn(k_BTKH, v_BTKH) -> (k_BSKH, v_BSKH, mask_BTS, aux)` supplies the keys
@@ -189,7 +194,7 @@ def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, kv_fn):
   k = apply_rope(k, positions_BT, inv_freq)
   q = constrain(q, ("act_batch", "act_len", "act_heads", None))
   k_all, v_all, mask_BTS, aux = kv_fn(k, v)
-  attn_BTNH = attention(cfg, q, k_all, v_all, mask_BTS)
+  attn_BTNH = attention(cfg, q, k_all, v_all, mask_BTS, kv_len_B)
   x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, lp["o"].astype(dt))
   x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
 
@@ -346,6 +351,7 @@ def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
   slot_S = jnp.arange(S)
   query_slot_T = index + jnp.arange(T)
   mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_T[None, :, None])
+  filled_B = jnp.full((B,), index + T, jnp.int32)  # slots past the filled prefix: unread
   inv_freq = rope_inv_freq(cfg)
   params = decode_params(cfg, params)
   layers = params["layers"]
@@ -360,7 +366,7 @@ def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
       vc = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, index, zero, zero))
       return kc.astype(cfg.compute_dtype), vc.astype(cfg.compute_dtype), mask_BTS, (kc, vc)
 
-    x, (kc, vc) = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn)
+    x, (kc, vc) = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn, filled_B)
     new_k.append(kc)
     new_v.append(vc)
   h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
