@@ -26,12 +26,13 @@ Shape suffixes:
   T: completion time (token position within the completion).
 """
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxrl_llm.rl import registry
 
 Array = jax.Array
 
@@ -698,55 +699,18 @@ def register_advantage_estimator(
   as fn(rewards_B, group_size, valid_B=...). Register before building the
   RLConfig and jitting the step: a compiled step keeps the function it traced.
   """
-  if not isinstance(name, str) or not name or name != name.strip():
-    raise ValueError(f"An estimator name must be a non-empty string without surrounding "
-                     f"whitespace, got {name!r}.")
   if name in _SPECIAL_ESTIMATORS:
     raise ValueError(f"{name!r} is dispatched with other inputs than an outcome estimator "
                      f"and cannot be replaced; choose another name.")
-  if name in OUTCOME_ESTIMATORS and not overwrite:
-    raise ValueError(f"An advantage estimator named {name!r} is already registered; pass "
-                     f"overwrite=True to replace it.")
-  if not callable(fn):
-    raise ValueError(f"Advantage estimator {name!r} must be callable, got {fn!r}.")
-  _check_signature(f"advantage estimator {name!r}", fn, 2, ("valid_B",),
-                   "fn(rewards_B, group_size, *, valid_B)")
-  OUTCOME_ESTIMATORS[name] = fn
-  return fn
+  return registry.add(OUTCOME_ESTIMATORS, "advantage estimator", name, fn, overwrite=overwrite,
+                      num_positional=2, keywords=("valid_B",),
+                      call="fn(rewards_B, group_size, *, valid_B)")
 
 
 def unregister_advantage_estimator(name: str) -> None:
   """Removes a registered estimator; built-in names cannot be removed."""
-  if name in _BUILTIN_OUTCOME_ESTIMATORS or name in _SPECIAL_ESTIMATORS:
-    raise ValueError(f"{name!r} is a built-in estimator and cannot be unregistered "
-                     f"(register another function with overwrite=True to replace it).")
-  if name not in OUTCOME_ESTIMATORS:
-    raise ValueError(f"No advantage estimator named {name!r} is registered.")
-  del OUTCOME_ESTIMATORS[name]
-
-
-def _check_signature(
-    what: str, fn: Callable[..., Any], num_positional: int, keywords: tuple[str, ...],
-    call: str
-) -> None:
-  """Raises ValueError if fn cannot accept the dispatcher's arguments."""
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):  # no signature to read (some C callables)
-    return
-  try:
-    sig.bind_partial(*([None] * num_positional), **dict.fromkeys(keywords))
-  except TypeError as e:
-    raise ValueError(f"{what}: {fn!r} cannot be called as {call} ({e}).") from None
-
-
-def _names_keyword(fn: Callable[..., Any], keyword: str) -> bool:
-  """Whether fn has a parameter named ``keyword`` (a **kwargs catch-all does not count)."""
-  try:
-    param = inspect.signature(fn).parameters.get(keyword)
-  except (TypeError, ValueError):
-    return False
-  return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+  registry.remove(OUTCOME_ESTIMATORS, _BUILTIN_OUTCOME_ESTIMATORS | frozenset(_SPECIAL_ESTIMATORS),
+                  "advantage estimator", name)
 
 
 def compute_advantages(
@@ -789,7 +753,7 @@ def compute_advantages(
           "of each row's prompt).")
     adv_B = remax(rewards_B, baseline_rewards_B, valid_B=valid_B, **opts)
   else:
-    if answers_B is not None and _names_keyword(fn, "answers_B"):
+    if answers_B is not None and registry.names_keyword(fn, "answers_B"):
       opts = dict(opts, answers_B=answers_B)
     adv_B = fn(rewards_B, group_size, valid_B=valid_B, **opts)
   return broadcast_to_tokens(adv_B, mask_BT)

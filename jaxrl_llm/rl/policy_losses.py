@@ -29,12 +29,13 @@ Shape suffixes:
   T: completion time (token position within the completion).
 """
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jaxrl_llm.rl import registry
 
 Array = jax.Array
 LossFn = Callable[..., tuple[Array, dict[str, Array]]]
@@ -316,37 +317,14 @@ def register_policy_loss(name: str, fn: LossFn, *, overwrite: bool = False) -> L
   be called with the four arrays. Register before building the RLConfig and
   jitting the step: a compiled step keeps the function it traced.
   """
-  if not isinstance(name, str) or not name or name != name.strip():
-    raise ValueError(f"A policy loss name must be a non-empty string without surrounding "
-                     f"whitespace, got {name!r}.")
-  if name in POLICY_LOSSES and not overwrite:
-    raise ValueError(f"A policy loss named {name!r} is already registered; pass "
-                     f"overwrite=True to replace it.")
-  if not callable(fn):
-    raise ValueError(f"Policy loss {name!r} must be callable, got {fn!r}.")
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):  # no signature to read (some C callables)
-    sig = None
-  if sig is not None:
-    try:
-      sig.bind_partial(None, None, None, None)
-    except TypeError as e:
-      raise ValueError(
-          f"policy loss {name!r}: {fn!r} cannot be called as "
-          f"fn(logp_BT, old_logp_BT, adv_BT, mask_BT) ({e}).") from None
-  POLICY_LOSSES[name] = fn
-  return fn
+  return registry.add(POLICY_LOSSES, "policy loss", name, fn, overwrite=overwrite,
+                      num_positional=4, keywords=(),
+                      call="fn(logp_BT, old_logp_BT, adv_BT, mask_BT)")
 
 
 def unregister_policy_loss(name: str) -> None:
   """Removes a registered loss; built-in names cannot be removed."""
-  if name in _BUILTIN_POLICY_LOSSES:
-    raise ValueError(f"{name!r} is a built-in policy loss and cannot be unregistered "
-                     f"(register another function with overwrite=True to replace it).")
-  if name not in POLICY_LOSSES:
-    raise ValueError(f"No policy loss named {name!r} is registered.")
-  del POLICY_LOSSES[name]
+  registry.remove(POLICY_LOSSES, _BUILTIN_POLICY_LOSSES, "policy loss", name)
 
 
 def policy_loss(
