@@ -120,14 +120,16 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
   logits_BV = decoder.unembed(cfg, params, h_BPD[:, -1:])[:, 0]
 
   def choose(logits_BV, key):
+    """(token_B, log p(token_B)); log p = logit[token] − logsumexp(logits), so no
+    [B, V] log-softmax is materialised."""
     if greedy:
-      logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
-      token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+      processed = logits_BV.astype(jnp.float32)
+      token_B = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     else:
       processed = process_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p)
-      logp_BV = jax.nn.log_softmax(processed, axis=-1)
       token_B = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
-    return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+    chosen_B = jnp.take_along_axis(processed, token_B[:, None], axis=-1)[:, 0]
+    return token_B, chosen_B - jax.nn.logsumexp(processed, axis=-1)
 
   # DECODE: sample a token, record it, run it through the model.
   def cond(state):
