@@ -7,6 +7,7 @@ formula written next to them), independently of the implementation.
 import functools
 import math
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import rewards
-from jaxrl_llm.rewards import base, host, shaping, verifiers
+from jaxrl_llm.rewards import base, host, registry, shaping, verifiers
+from jaxrl_llm.rl import advantages
 
 # A toy vocabulary: pad 0, eos 2, digits '0'..'9' are ids 10..19, '-' is 20,
 # letters 'a'.. are 30...
@@ -210,6 +212,202 @@ def test_numeric_match():
   fn = functools.partial(verifiers.numeric_match, digit_ids=DIGITS, minus_id=MINUS, eos_id=EOS)
   # "007" = 7; "-12" = -12; "12" != -12; truncated; not a number.
   np.testing.assert_array_equal(jax.jit(fn)(inputs), [1, 1, 0, 0, 0])
+
+
+# --------------------------------------------------------------------------
+# answer ids (outcome labels for COPO)
+# --------------------------------------------------------------------------
+
+
+def _reference_answer_id(span, finished, truncated="span"):
+  """The docstring's formula in Python ints: (Σ_t (y_t + 1)·x^t + τ·x^n) mod p."""
+  p, x = verifiers.ANSWER_ID_PRIME, verifiers.ANSWER_ID_BASE
+  if not finished and truncated == "one":
+    return 2
+  mark = 1 if finished else 2
+  return (sum((y + 1) * pow(x, t, p) for t, y in enumerate(span))
+          + mark * pow(x, len(span), p)) % p
+
+
+def _answer_ids(completions, finished, width, jit=False, **options):
+  inputs = _inputs(completions, finished, width)
+  fn = functools.partial(verifiers.answer_id, eos_id=EOS, **options)
+  return np.asarray((jax.jit(fn) if jit else fn)(inputs))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_answer_id_equal_spans_equal_ids(jit):
+  inputs = _inputs([_num("12") + [EOS],
+                    _num("12") + [EOS, 11, EOS],  # tokens after EOS are ignored
+                    _num("12"),                   # EOS left out of the mask, still finished
+                    _num("12") + [EOS]],
+                   [True] * 4, 7)
+  # Padding (outside the mask) holds anything: it is ignored.
+  completion = np.asarray(inputs.completion_BL).copy()
+  completion[3, 3:] = [13, 14, 15, 16]
+  inputs = inputs._replace(completion_BL=jnp.asarray(completion))
+  fn = functools.partial(verifiers.answer_id, eos_id=EOS)
+  ids = (jax.jit(fn) if jit else fn)(inputs)
+  assert ids.dtype == jnp.int32
+  np.testing.assert_array_equal(ids, [_reference_answer_id(_num("12"), True)] * 4)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_answer_id_different_spans_different_ids(jit):
+  spans = [_num("12"), _num("21"),                  # same tokens, other order
+           _num("123"), _num("132"), _num("321"), _num("213"),
+           _num("1234"), _num("1235"), _num("1243"),  # differ after a shared prefix
+           _num("1"), [], _num("0"), _num("00"), _num("-12"), [PAD], [PAD, PAD]]
+  ids = _answer_ids([s + [EOS] for s in spans], [True] * len(spans), 6, jit=jit)
+  assert len(set(ids.tolist())) == len(spans)
+  assert np.all((ids >= 0) & (ids < 2 ** 24))  # exact in float32
+  np.testing.assert_array_equal(ids, [_reference_answer_id(s, True) for s in spans])
+
+
+def test_answer_id_all_short_spans_are_distinct():
+  # Every span of at most 3 tokens over the 11 symbols 0-9 and '-': 1 + 11 + 121 + 1331.
+  symbols = [*DIGITS, MINUS]
+  spans = [[]] + [[a] for a in symbols] + [[a, b] for a in symbols for b in symbols]
+  spans += [[a, b, c] for a in symbols for b in symbols for c in symbols]
+  ids = _answer_ids([s + [EOS] for s in spans], [True] * len(spans), 4, jit=True)
+  assert len(set(ids.tolist())) == len(spans) == 1464
+
+
+def test_answer_id_truncated():
+  comps = [_num("12") + [EOS], _num("12"), _num("12"), _num("345"), [EOS]]
+  finished = [True, True, False, False, True]
+  ids = _answer_ids(comps, finished, 3)
+  # Truncated rows are hashed with their own mark: "12" truncated != "12" finished.
+  assert ids[0] == ids[1] != ids[2] != ids[3]
+  np.testing.assert_array_equal(
+      ids, [_reference_answer_id(s, f) for s, f in
+            zip([_num("12"), _num("12"), _num("12"), _num("345"), []], finished)])
+  one = _answer_ids(comps, finished, 3, truncated="one")
+  np.testing.assert_array_equal(one, [ids[0], ids[1], 2, 2, ids[4]])
+
+
+def test_answer_id_matches_the_formula_on_random_rows():
+  rng = np.random.default_rng(0)
+  batch, length = 32, 300
+  tokens_BL = rng.integers(0, 250_000, (batch, length)).astype(np.int32)
+  tokens_BL[rng.random((batch, length)) < 0.01] = EOS
+  lengths_B = rng.integers(0, length + 1, batch)
+  mask_BL = np.arange(length)[None, :] < lengths_B[:, None]
+  finished_B = rng.random(batch) < 0.5
+  ids = verifiers.answer_span_id(tokens_BL, mask_BL, finished_B, eos_id=EOS)
+  want = []
+  for row, n, fin in zip(tokens_BL, lengths_B, finished_B):
+    span = []
+    for y in row[:n]:
+      if y == EOS:
+        break
+      span.append(int(y))
+    want.append(_reference_answer_id(span, fin))
+  np.testing.assert_array_equal(ids, want)
+
+
+def test_answer_id_errors():
+  comp, mask = _pad([_num("1")], 2)
+  with pytest.raises(ValueError, match="truncated"):
+    verifiers.answer_span_id(comp, mask, [True], eos_id=EOS, truncated="drop")
+  with pytest.raises(ValueError, match="base"):
+    verifiers.answer_span_id(comp, mask, [True], eos_id=EOS, base=1)
+  with pytest.raises(ValueError, match="finished_B"):
+    verifiers.answer_span_id(comp, mask, [True, False], eos_id=EOS)
+
+
+# --------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------
+
+_CHARS = {**{d: str(k) for k, d in enumerate(DIGITS)}, MINUS: "-"}
+TOK = types.SimpleNamespace(
+    eos_id=EOS,
+    encode=lambda text: _num(text),
+    decode_batch=lambda rows: ["".join(_CHARS.get(t, "?") for t in row if t != EOS)
+                               for row in rows],
+)
+CORRECT_AND_IDS = (("correct", 1.0), ("answer_id", 0.0))
+
+
+def _task_inputs(texts, reference, finished=None):
+  """One completion per text (EOS-terminated), each scored against `reference`."""
+  rows = [_num(t) + [EOS] for t in texts]
+  answers, answer_mask = _pad([_num(reference) + [EOS]] * len(texts), 4)
+  return _inputs(rows, finished or [True] * len(texts), 6,
+                 {"answer_tokens": answers, "answer_mask": answer_mask})
+
+
+def test_registry_answer_id_component():
+  fn = registry.build_reward_fn(CORRECT_AND_IDS, TOK)
+  inputs = _task_inputs(["3", "5", "3", "12"], "3")
+  total, comps = jax.jit(fn)(inputs)
+  np.testing.assert_array_equal(total, [1.0, 0.0, 1.0, 0.0])  # answer_id adds nothing
+  np.testing.assert_array_equal(comps["correct"], total)
+  want = [_reference_answer_id(_num(t), True) for t in ("3", "5", "3", "12")]
+  # compose casts components to float32; the ids (< 2**24) survive exactly.
+  np.testing.assert_array_equal(np.asarray(comps["answer_id"]).astype(np.int64), want)
+  assert comps["answer_id"][0] == comps["answer_id"][2] != comps["answer_id"][1]
+
+
+@pytest.mark.parametrize("weight", [1.0, -0.5, 1e-3])
+def test_registry_rejects_weighted_answer_id(weight):
+  components = (("correct", 1.0), ("answer_id", weight))
+  with pytest.raises(ValueError, match="label.*not a reward"):
+    registry.build_reward_fn(components, TOK)
+  with pytest.raises(ValueError, match="label.*not a reward"):
+    registry.host_scorer(components, TOK, [])
+
+
+def test_registry_rejects_labels_without_a_reward():
+  with pytest.raises(ValueError, match="no reward"):
+    registry.build_reward_fn((("answer_id", 0.0),), TOK)
+
+
+def test_host_scorer_answer_ids_match_in_graph():
+  components = (("format", 1.0), ("answer_id", 0.0))
+  inputs = _task_inputs(["3", "5", "3", "12", "7"], "3", [True, True, True, True, False])
+  _, comps = registry.build_reward_fn(components, TOK)(inputs)
+  ro = {"completion": np.asarray(inputs.completion_BL),
+        "completion_mask": np.asarray(inputs.completion_mask_BL),
+        "finished": np.asarray(inputs.finished_B), "prompt_id": np.zeros((5,), np.int32)}
+  total, parts = registry.host_scorer(components, TOK, [{}])(ro)
+  np.testing.assert_array_equal(total, [1.0, 1.0, 1.0, 1.0, 0.0])
+  np.testing.assert_array_equal(parts["answer_id"], np.asarray(comps["answer_id"]))
+  assert parts["answer_id"].dtype == np.int32
+
+
+def test_copo_with_answer_ids_differs_from_rewards_as_labels():
+  # Three groups of 4, reference answer 3: all wrong with 3 distinct answers, all wrong
+  # with one answer, and half right with 3 distinct answers.
+  texts = ["5", "5", "7", "9"] + ["5", "5", "5", "5"] + ["3", "3", "7", "9"]
+  fn = registry.build_reward_fn(CORRECT_AND_IDS, TOK)
+
+  @jax.jit
+  def both(inputs):
+    rewards_B, comps = fn(inputs)
+    return (advantages.copo_terms(rewards_B, 4, answers_B=comps["answer_id"]),
+            advantages.copo_terms(rewards_B, 4))
+
+  by_id, by_reward = both(_task_inputs(texts, "3"))
+  # H_p = −Σ_a q_a log2 q_a: {1/2, 1/4, 1/4} -> 1.5 bits, {1} -> 0, and by reward
+  # {0: 1} -> 0 for the all-wrong groups, {1/2, 1/2} -> 1 bit for the mixed one.
+  np.testing.assert_allclose(by_id.entropy_P, [1.5, 0.0, 1.5], atol=1e-6)
+  np.testing.assert_allclose(by_reward.entropy_P, [0.0, 0.0, 1.0], atol=1e-6)
+  # w_i = sigmoid(k·(H_p − b))·[r_i ≠ 0], k = 5, b = 1: only the mixed group's right rows.
+  sig = lambda z: 1.0 / (1.0 + math.exp(-z))
+  np.testing.assert_allclose(by_id.weight_B[8:], [sig(2.5)] * 2 + [0.0] * 2, rtol=1e-5)
+  np.testing.assert_allclose(by_reward.weight_B[8:], [sig(0.0)] * 2 + [0.0] * 2, rtol=1e-5)
+  # A_i = (1 − w_i)·A^glob_i + w_i·A^loc_i with A^loc, A^glob the same either way.
+  np.testing.assert_allclose(by_id.local_B, by_reward.local_B)
+  np.testing.assert_allclose(by_id.global_B, by_reward.global_B)
+  for terms, w in ((by_id, sig(2.5)), (by_reward, sig(0.0))):
+    want = (1 - w) * terms.global_B[8] + w * terms.local_B[8]
+    np.testing.assert_allclose(terms.adv_B[8], want, rtol=1e-5)
+  assert abs(float(by_id.adv_B[8]) - float(by_reward.adv_B[8])) > 0.1
+  # Rewards as labels lump the two all-wrong groups together; the ids tell them apart.
+  assert by_reward.entropy_P[0] == by_reward.entropy_P[1]
+  assert by_id.entropy_P[0] > by_id.entropy_P[1]
 
 
 # --------------------------------------------------------------------------

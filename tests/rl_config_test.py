@@ -208,3 +208,4 @@ def test_copo_in_the_jitted_step_uses_answer_ids(registry):
   # loss/policy = −mean_i A_i (see test above), so it reveals the advantages' mean.
   np.testing.assert_allclose(m["loss/policy"], -np.mean(want_B), rtol=1e-5)
   assert abs(np.mean(want_B) - np.mean(without_answers_B)) > 1e-2  # the ids were used
+  assert "reward/answer_id" not in m and "reward/correct" in m  # a label is not logged

@@ -66,6 +66,7 @@ from jaxrl_llm.preference.step import (
     precompute_reference_logps,
 )
 from jaxrl_llm.rewards.base import RewardInputs
+from jaxrl_llm.rewards.registry import LABEL_COMPONENTS
 from jaxrl_llm.sampling import sample
 from jaxrl_llm.train_state import TrainState
 
@@ -323,7 +324,7 @@ class OnlineDPOStep:
         "online/truncation_rate": 1.0 - jnp.mean(ro["finished"].astype(jnp.float32)),
     })
     for name, value in comps.items():
-      if name != MEMBERS_KEY:
+      if name != MEMBERS_KEY and name not in LABEL_COMPONENTS:
         metrics[f"reward/{name}"] = jnp.mean(value)
     return new_state, metrics
 

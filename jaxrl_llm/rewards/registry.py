@@ -10,6 +10,11 @@ Components:
   countdown  the expression uses the given numbers and hits the target
              (host verifier through jax.pure_callback)
   math       math answer equivalence (host, sympy / math-verify, with timeouts)
+  answer_id  a label, not a reward: an int id of the answer span (the tokens
+             before EOS), equal for equal spans (`verifiers.answer_id`, a
+             polynomial hash mod a prime < 2**24, so exact in float32); the RL
+             step passes it to advantage="copo" as its answer labels. Weight 0
+             only: (("correct", 1.0), ("answer_id", 0.0)).
 
 Batch keys the components read (see `jaxrl_llm.data.pipeline`):
 answer_tokens / answer_mask (answer + EOS, right-padded), prompt_id.
@@ -25,7 +30,24 @@ import numpy as np
 from jaxrl_llm.rewards import verifiers
 from jaxrl_llm.rewards.base import RewardInputs, compose
 
-COMPONENTS = ("correct", "format", "countdown", "math")
+COMPONENTS = ("correct", "format", "countdown", "math", "answer_id")
+# Components that label completions rather than score them: weight 0, not summed into the reward.
+LABEL_COMPONENTS = ("answer_id",)
+
+
+def _check_label_weight(name: str, weight) -> None:
+  if float(weight) != 0.0:
+    raise ValueError(
+        f"reward component {name!r} is a label (an id of each completion's answer span, read "
+        f"by advantage='copo' as its answer labels), not a reward: give it weight 0.0, e.g. "
+        f"(('correct', 1.0), ({name!r}, 0.0)); got weight {weight!r}")
+
+
+def _check_has_reward(components: Sequence[tuple[str, float]]) -> None:
+  if all(name in LABEL_COMPONENTS for name, _ in components):
+    raise ValueError(f"reward.components {tuple(components)!r} has no reward, only labels "
+                     f"{LABEL_COMPONENTS}; add one of "
+                     f"{tuple(c for c in COMPONENTS if c not in LABEL_COMPONENTS)}")
 
 
 def _answer_inputs(inputs: RewardInputs, eos_id: int) -> RewardInputs:
@@ -63,6 +85,10 @@ def build_reward_fn(components: Sequence[tuple[str, float]], tokenizer, *,
 
   `examples` (the training split, indexed by `prompt_id`) is needed by the
   host components, which look up each completion's reference there.
+
+  The "answer_id" label must have weight 0 (ValueError otherwise): compose adds
+  0 · id to the total and reports the ids, exact in float32 since they are
+  < 2**24, as component "answer_id".
   """
   eos = tokenizer.eos_id
   parts = {}
@@ -85,18 +111,30 @@ def build_reward_fn(components: Sequence[tuple[str, float]], tokenizer, *,
         score = lambda text, ex: float(host.math_equal(host.extract_answer(text),
                                                        str(ex["answer"])))
       fn = _host_text_reward(score, tokenizer, examples, host_timeout_s)
+    elif name == "answer_id":
+      _check_label_weight(name, weight)
+      fn = functools.partial(verifiers.answer_id, eos_id=eos)
     else:
       raise ValueError(f"unknown reward component {name!r}; choose from {COMPONENTS}")
     parts[name] = (fn, float(weight))
   if not parts:
     raise ValueError(f"reward.components is empty; name at least one of {COMPONENTS}")
+  _check_has_reward(components)
   return compose(parts)
 
 
 def host_scorer(components: Sequence[tuple[str, float]], tokenizer, examples: Sequence[dict]):
-  """Split-mode rewards: a NumPy function over a fetched rollout dict."""
+  """Split-mode rewards: a NumPy function over a fetched rollout dict.
+
+  "answer_id" gives the same ids as the in-graph component (int32 values).
+  """
   from jaxrl_llm.data import tasks
   from jaxrl_llm.rewards import host
+
+  for name, weight in components:
+    if name in LABEL_COMPONENTS:
+      _check_label_weight(name, weight)
+  _check_has_reward(components)
 
   def score(ro) -> tuple[np.ndarray, dict]:
     texts = tokenizer.decode_batch([
@@ -106,6 +144,11 @@ def host_scorer(components: Sequence[tuple[str, float]], tokenizer, examples: Se
     ids = np.asarray(ro["prompt_id"])
     parts = {}
     for name, _ in components:
+      if name == "answer_id":
+        parts[name] = np.asarray(verifiers.answer_span_id(
+            np.asarray(ro["completion"]), np.asarray(ro["completion_mask"]), finished,
+            eos_id=tokenizer.eos_id))
+        continue
       vals = []
       for text, fin, i in zip(texts, finished, ids):
         ex = examples[int(i)]

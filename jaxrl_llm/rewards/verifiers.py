@@ -21,6 +21,7 @@ Shape suffixes:
   D: the ten digits '0'..'9'.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,14 @@ Array = jax.Array
 # 10^k for k = 0..9; int32 holds every integer of at most nine significant digits.
 _POW10 = tuple(10 ** k for k in range(10))
 MAX_INT_DIGITS = 9
+
+# Answer ids (`answer_span_id`): a polynomial hash modulo the largest prime below 2**24, so
+# float32 (which holds every integer up to 2**24) carries the ids exactly.
+ANSWER_ID_PRIME = 16_777_213
+ANSWER_ID_BASE = 10_368_892  # a primitive root modulo ANSWER_ID_PRIME
+ANSWER_ID_MAX_LEN = 2 ** 20  # keeps the 12-bit half-sums of the hash below 2**32
+TRUNCATED_MODES = ("span", "one")
+_FINISHED_MARK, _TRUNCATED_MARK = 1, 2
 
 
 def _id_tuple(name: str, ids: Any) -> tuple[int, ...]:
@@ -215,3 +224,116 @@ def numeric_match(
   value_B, ok_B = tokens_to_int(inputs.completion_BL, span_mask_BL, digit_ids, minus_id)
   correct_B = jnp.asarray(inputs.finished_B, bool) & ok_B & (value_B == target_B)
   return correct_B.astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _powers_mod(base: int, count: int, prime: int) -> np.ndarray:
+  """base^t mod prime for t = 0 .. count − 1, as uint32."""
+  out = np.empty((count,), np.uint32)
+  value = 1
+  for t in range(count):
+    out[t] = value
+    value = value * base % prime
+  out.flags.writeable = False
+  return out
+
+
+def _mulmod(a: Array, b: Array, prime: int) -> Array:
+  """(a · b) mod prime for uint32 a, b in [0, prime), prime < 2**24, exact in uint32.
+
+  Horner over the bytes of b = b2·2^16 + b1·2^8 + b0:
+  a·b = ((a·b2)·2^8 + a·b1)·2^8 + a·b0, reducing after every step. Each product
+  a·b_k < 2^24 · 2^8 and each r·2^8 (r < prime) stays below 2^32; each sum of two
+  residues stays below 2^25.
+  """
+  r = (a * (b >> 16)) % prime
+  r = ((r << 8) % prime + (a * ((b >> 8) & 0xFF)) % prime) % prime
+  return ((r << 8) % prime + (a * (b & 0xFF)) % prime) % prime
+
+
+def answer_span_id(
+    completion_BL: Any,
+    mask_BL: Any,
+    finished_B: Any,
+    *,
+    eos_id: Any,
+    truncated: str = "span",
+    base: int = ANSWER_ID_BASE,
+) -> Array:
+  """An int32 id of each completion's answer span: equal spans get equal ids.
+
+  With the span y_{b,0..n−1} of `answer_span` (n = span_len_b; tokens at and after
+  the first stop token and outside the mask are ignored), c_t = y_{b,t} + 1, a mark
+  τ_b = 1 when ``finished_B`` else 2, p = ``ANSWER_ID_PRIME`` = 16 777 213 (the
+  largest prime below 2^24) and x = ``base``:
+
+    id_b = (Σ_{t<n} c_t · x^t + τ_b · x^n) mod p    ∈ [0, p),
+
+  computed exactly in uint32 (see `_mulmod`; needs L ≤ ``ANSWER_ID_MAX_LEN`` = 2^20).
+  Equal (span, mark) pairs give equal ids. Different pairs (other tokens, the same
+  tokens in another order, one a prefix of the other, finished vs truncated) are
+  different polynomials in x of degree ≤ L: for a base drawn uniformly they
+  collide with probability ≤ L/p (Schwartz–Zippel); with the fixed default base
+  the ids of completions not crafted against it behave as uniform draws from p
+  values, a collision probability ≈ 1/p ≈ 6·10⁻⁸ per pair, ≤ G(G−1)/(2p) per group
+  (≈ 7·10⁻⁶ for G = 16). A collision merges two labels of one group, which only
+  lowers that group's answer entropy. Token ids must lie in [0, p − 1), true of
+  every real vocabulary.
+
+  Truncated completions (``finished_B`` False) have no final answer:
+    truncated="span"  (default) hash their whole span with the mark τ = 2, an id
+                      space of their own (a truncated span and a finished one
+                      with the same tokens get different ids, w.h.p.);
+    truncated="one"   all share the id 2 (the "no answer" outcome, the empty
+                      truncated span's id).
+
+  Ids are < 2^24, so a float32 copy (`base.compose` casts components to float32)
+  holds them exactly.
+  """
+  if truncated not in TRUNCATED_MODES:
+    raise ValueError(f"truncated must be one of {TRUNCATED_MODES}, got {truncated!r}.")
+  prime = ANSWER_ID_PRIME
+  if isinstance(base, bool) or int(base) != base or not 2 <= base < prime:
+    raise ValueError(f"base must be an integer in [2, {prime}), got {base!r}.")
+  completion_BL = jnp.asarray(completion_BL)
+  span_mask_BL, span_len_B = answer_span(completion_BL, mask_BL, eos_id=eos_id)
+  batch, length = completion_BL.shape
+  finished_B = jnp.asarray(finished_B)
+  if finished_B.shape != (batch,):
+    raise ValueError(f"finished_B must have shape ({batch},), got {finished_B.shape}.")
+  if length > ANSWER_ID_MAX_LEN:
+    raise ValueError(f"answer ids support completions of at most {ANSWER_ID_MAX_LEN} tokens, "
+                     f"got L = {length}.")
+  finished_B = finished_B.astype(bool)
+  u32 = jnp.uint32
+  pow_L1 = jnp.asarray(_powers_mod(int(base), length + 1, prime))  # x^t, t = 0..L
+  c_BL = jnp.where(span_mask_BL, (completion_BL.astype(u32) + 1) % prime, 0).astype(u32)
+  term_BL = _mulmod(c_BL, pow_L1[None, :length], prime)
+  # Σ_t term_t mod p: each term < 2^24 splits into 12-bit halves whose sums over
+  # L ≤ 2^20 positions stay below 2^32.
+  lo_B = jnp.sum(term_BL & 0xFFF, axis=-1, dtype=u32) % prime
+  hi_B = jnp.sum(term_BL >> 12, axis=-1, dtype=u32) % prime
+  mark_B = jnp.where(finished_B, _FINISHED_MARK, _TRUNCATED_MARK).astype(u32)
+  mark_term_B = _mulmod(mark_B, pow_L1[span_len_B], prime)
+  id_B = (_mulmod(hi_B, jnp.asarray(1 << 12, u32), prime) + lo_B + mark_term_B) % prime
+  if truncated == "one":
+    id_B = jnp.where(finished_B, id_B, _TRUNCATED_MARK)
+  return id_B.astype(jnp.int32)
+
+
+def answer_id(
+    inputs: RewardInputs,
+    *,
+    eos_id: Any,
+    truncated: str = "span",
+    base: int = ANSWER_ID_BASE,
+) -> Array:
+  """`answer_span_id` of each completion (int32 [B]): an outcome label, not a reward.
+
+  Equal ids = the same answer span, e.g. for COPO's answer entropy (the RL step
+  passes a reward component named "answer_id" to the advantage estimator as
+  ``answers_B``); give it weight 0 in `base.compose`.
+  """
+  check_inputs(inputs)
+  return answer_span_id(inputs.completion_BL, inputs.completion_mask_BL, inputs.finished_B,
+                        eos_id=eos_id, truncated=truncated, base=base)

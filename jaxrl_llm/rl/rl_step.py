@@ -35,6 +35,7 @@ from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.rewards import shaping
 from jaxrl_llm.rewards.base import RewardInputs
+from jaxrl_llm.rewards.registry import LABEL_COMPONENTS
 from jaxrl_llm.rl import advantages, policy_losses
 from jaxrl_llm.rl.config import RLConfig
 from jaxrl_llm.sampling import sample
@@ -276,7 +277,8 @@ class RLStep:
         "rl/zero_adv_group_frac": jnp.mean(zero_var_R.astype(jnp.float32)),
     }
     for name, value in comps.items():
-      metrics[f"reward/{name}"] = jnp.mean(value)
+      if name not in LABEL_COMPONENTS:  # labels (answer ids) have no meaningful mean
+        metrics[f"reward/{name}"] = jnp.mean(value)
 
     # DYNAMIC SAMPLING: keep R_all / oversample groups, mixed-outcome ones first.
     valid_B = jnp.ones_like(rewards_B, dtype=bool)
