@@ -36,6 +36,7 @@ VARIANTS = {
     "none_mb4": ("none", 4, 128, "auto"),
     "dots_mb1_xla": ("dots_no_batch", 1, 128, "xla"),
     "dots_mb2": ("dots_no_batch", 2, 128, "auto"),  # dots_mb1 needs ~80 GB (estimate)
+    "dots_mb2_xla": ("dots_no_batch", 2, 128, "xla"),
 }
 
 
