@@ -47,13 +47,13 @@ def out_dir(args) -> str:
 
 
 def portable_argv(args) -> list[str]:
-  """sys.argv without machine paths: the script relative to the repo, --out as $OUT/..."""
+  """sys.argv with the script relative to the repo and the output folder as <out>/name."""
   out = os.path.abspath(out_dir(args))
   argv = []
   for a in sys.argv:
     full = os.path.abspath(a) if os.sep in a else a
     if full == out:
-      a = "$OUT/" + os.path.basename(out)
+      a = "<out>/" + os.path.basename(out)
     elif full.startswith(REPO + os.sep):
       a = os.path.relpath(full, REPO)
     argv.append(a)
