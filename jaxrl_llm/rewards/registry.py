@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional, Sequence
 
+import jax
 import numpy as np
 
 from jaxrl_llm.rewards import verifiers
@@ -135,6 +136,8 @@ def host_scorer(components: Sequence[tuple[str, float]], tokenizer, examples: Se
     if name in LABEL_COMPONENTS:
       _check_label_weight(name, weight)
   _check_has_reward(components)
+  # Compiled once here, not dispatched op by op at every step.
+  answer_ids = jax.jit(functools.partial(verifiers.answer_span_id, eos_id=tokenizer.eos_id))
 
   def score(ro) -> tuple[np.ndarray, dict]:
     texts = tokenizer.decode_batch([
@@ -145,9 +148,8 @@ def host_scorer(components: Sequence[tuple[str, float]], tokenizer, examples: Se
     parts = {}
     for name, _ in components:
       if name == "answer_id":
-        parts[name] = np.asarray(verifiers.answer_span_id(
-            np.asarray(ro["completion"]), np.asarray(ro["completion_mask"]), finished,
-            eos_id=tokenizer.eos_id))
+        parts[name] = np.asarray(answer_ids(np.asarray(ro["completion"]),
+                                            np.asarray(ro["completion_mask"]), finished))
         continue
       vals = []
       for text, fin, i in zip(texts, finished, ids):

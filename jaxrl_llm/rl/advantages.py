@@ -753,7 +753,7 @@ def compute_advantages(
           "of each row's prompt).")
     adv_B = remax(rewards_B, baseline_rewards_B, valid_B=valid_B, **opts)
   else:
-    if answers_B is not None and registry.names_keyword(fn, "answers_B"):
+    if answers_B is not None and "answers_B" in registry.keyword_parameters(fn)[0]:
       opts = dict(opts, answers_B=answers_B)
     adv_B = fn(rewards_B, group_size, valid_B=valid_B, **opts)
   return broadcast_to_tokens(adv_B, mask_BT)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxrl_llm.rl import advantages, policy_losses
+from jaxrl_llm.rl import advantages, policy_losses, registry
 
 LENGTH_SHAPINGS = ("none", "dler", "hapo", "grpo_lambda")
 MAX_LEN_SCHEDULES = ("none", "siri", "staged")
@@ -193,20 +192,9 @@ class RLConfig:
     if name in builtin_options and getattr(module, name, None) is fn:
       keys = builtin_options[name]
     else:  # registered (or a built-in name replaced by registration)
-      named, _ = _keyword_parameters(fn)
+      named, _ = registry.keyword_parameters(fn)
       keys = tuple(k for k in option_fields if k in named)
     return {k: getattr(self, option_fields[k]) for k in keys}
-
-
-def _keyword_parameters(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
-  """(parameter names fn takes by keyword, whether it takes **kwargs)."""
-  try:
-    params = inspect.signature(fn).parameters.values()
-  except (TypeError, ValueError):  # unreadable signature: accept anything
-    return frozenset(), True
-  named = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                        p.KEYWORD_ONLY))
-  return named, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _freeze(value: Any) -> Any:
@@ -248,7 +236,7 @@ def _normalize_kwargs(field: str, value: Any) -> tuple[tuple[str, Any], ...]:
 def _check_kwargs(field: str, pairs, name: str, fn: Callable[..., Any],
                   option_fields: Mapping[str, str], reserved: tuple[str, ...]) -> None:
   """Every key must be new to RLConfig and the dispatcher, and accepted by fn."""
-  named, var_kw = _keyword_parameters(fn)
+  named, var_kw = registry.keyword_parameters(fn)
   for key, _ in pairs:
     where = f"RLConfig.{field}: {key!r}"
     if key in option_fields:

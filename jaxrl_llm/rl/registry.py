@@ -50,10 +50,15 @@ def remove(table: dict[str, Callable], builtins: frozenset[str], kind: str, name
   del table[name]
 
 
-def names_keyword(fn: Callable[..., Any], keyword: str) -> bool:
-  """Whether fn has a parameter named `keyword` (a **kwargs catch-all does not count)."""
+def keyword_parameters(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
+  """(parameter names fn takes by keyword, whether it takes **kwargs).
+
+  An unreadable signature (some C callables) accepts anything.
+  """
   try:
-    param = inspect.signature(fn).parameters.get(keyword)
+    params = inspect.signature(fn).parameters.values()
   except (TypeError, ValueError):
-    return False
-  return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+    return frozenset(), True
+  named = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                        p.KEYWORD_ONLY))
+  return named, any(p.kind is p.VAR_KEYWORD for p in params)
