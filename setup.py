@@ -22,16 +22,24 @@ INSTALL_REQUIRES = [
     "pyarrow>=14",  # Parquet prompt datasets
 ]
 
+# gs:// workdirs: etils.epath (checkpoint metadata, metrics, data files) goes
+# through fsspec's gcsfs; orbax writes arrays with tensorstore's own GCS driver.
+GCS = ["etils[epath-gcs]", "gcsfs>=2026.4"]
+
 EXTRAS = {
     # torch is pinned to a CPU build used only by the HF parity tests: an
-    # unpinned torch pulls a multi-GB CUDA build.
+    # unpinned torch pulls a multi-GB CUDA build. The GCS emulator stands in
+    # for a bucket in tests/cloud_workdir_test.py.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.51", "torch==2.13.0",
              "tokenizers>=0.20", "jinja2>=3.1", "nbclient>=0.10", "nbformat>=5.10",
-             "ipykernel>=6.29", "matplotlib>=3.8"],
+             "ipykernel>=6.29", "matplotlib>=3.8", *GCS, "gcp-storage-emulator>=2026.7",
+             "wandb>=0.17"],
     "hf": ["tokenizers>=0.20", "jinja2>=3.1"],
     "notebooks": ["matplotlib>=3.8", "ipykernel>=6.29"],
     "gpu": ["jax[cuda12]>=0.6"],
-    "tpu": ["jax[tpu]>=0.6"],
+    "tpu": ["jax[tpu]>=0.6", *GCS],  # TPU pods keep their workdir on GCS
+    "gcs": GCS,
+    "wandb": ["wandb>=0.17"],  # metrics.wandb_project
     "dev": ["ruff>=0.6"],
 }
 

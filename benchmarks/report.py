@@ -96,6 +96,17 @@ def main():
                      "" if exact else "bounds: total/512 incl. prefill"])
     print_table("W3 decode (0.5B, prompt 256, 512 new)",
                 ["variant", "total s", "tokens/s", "step ms", "bw fraction", "note"], rows)
+  w5 = {k: v for k, v in recs.items() if k.startswith("w5_ragged") and not v.get("smoke")}
+  if w5:
+    rows = []
+    for _, r in sorted(w5.items()):
+      x = r["results"]
+      rows.append([x["variant"], x.get("step", {}).get("median_s"),
+                   x.get("rollout", {}).get("median_s"), x.get("useful_tokens_per_s"),
+                   x.get("ideal_rollout_s"), x.get("rollout_over_ideal"), x.get("peak_gib")])
+    print_table("W5 ragged GRPO step (0.5B, 64x8 seqs, prompt 256, budget 1024)",
+                ["variant", "step s", "rollout s", "useful tok/s", "ideal rollout s",
+                 "rollout/ideal", "peak GiB"], rows)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@
 # PLAN=core: floors, W1, W4, W2 (remat dots, 2 micro-batches), W3 at batch 1/64/512.
 # PLAN=variants: floors and W1 again (same machine as the variants), then the
 #   variants the notes in BENCHMARKS.md compare.
+# PLAN=rollout: floors, decode attention alone, W5 with the rollout engine and
+#   with the static sampler, W3 at batch 64/512.
+# PLAN=w1: floors, W1 with the prompt prefilled once per group and once per sample.
+# Compilations share XLA's per-fusion autotuning results through a persistent
+# cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/jax_cache): the W5 step reuses
+# what its rollout compile tuned. Timed calls are unaffected.
 # Writes OUT/records_ours_$PLAN.tar.gz (the JSON records) and OUT/log_ours_$PLAN.txt.
 set -u
 SMOKE=${1:-}
@@ -19,6 +25,7 @@ DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
 # W2 (1.5B, f32 master weights + AdamW) needs more than JAX's default 75%.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 
 run() {  # run MAX_SECONDS MODULE [ARGS...]
   local max=$1; shift
@@ -48,6 +55,14 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       run 60 benchmarks.w4_dpo_step --microbatches 1 --tag mb1
       run 60 benchmarks.w2_train_step --variant none_mb4 --tag none_mb4
       run 60 benchmarks.w2_train_step --variant full_mb1 --tag full_mb1 ;;
+    rollout)
+      run 60 benchmarks.decode_attention --repeats 3
+      run 250 benchmarks.w5_ragged_grpo_step --variant engine --tag engine --repeats 3
+      run 160 benchmarks.w5_ragged_grpo_step --variant static --tag static --repeats 2
+      run 130 benchmarks.w3_decode --variants b64,b512 --repeats 3 ;;
+    w1)
+      run 200 benchmarks.w1_grpo_step --repeats 3
+      run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample ;;
   esac
   "$PY" -m benchmarks.report "$REC" $SMOKE
 } 2>&1 | tee "$OUT/log_ours_$PLAN.txt"

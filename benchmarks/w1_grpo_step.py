@@ -46,6 +46,9 @@ def main():
   p.add_argument("--remat", default="dots_no_batch")
   p.add_argument("--logprob_chunk", type=int, default=128)
   p.add_argument("--attention_impl", default="auto")
+  p.add_argument("--shared_prefix", type=int, default=1,
+                 help="1: prefill each prompt once for its G samples (the default "
+                      "rollout); 0: once per sample (the static sampler)")
   args = p.parse_args()
   if args.smoke:
     size, R, G, P, L = "smoke", 4, 4, 16, 8
@@ -56,7 +59,8 @@ def main():
   cfg = common.qwen25_config(size, param_dtype="float32", remat=args.remat,
                              attention_impl=args.attention_impl)
   rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
-                             microbatches=micro, logprob_chunk=args.logprob_chunk)
+                             microbatches=micro, logprob_chunk=args.logprob_chunk,
+                             rollout_shared_prefix=bool(args.shared_prefix))
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
   shape = tuple(int(x) for x in args.mesh.split(","))
   mesh = sharding.make_mesh(sharding.MeshConfig(shape), jax.devices()[:int(np.prod(shape))])
@@ -84,18 +88,20 @@ def main():
   m = jax.device_get(common.block(call()))
   s = common.summarize(times)
   B = R * G
-  res = {"variant": "base", "step": s, "sequences_per_s": B / s["median_s"],
+  variant = "base" if args.shared_prefix else "prefill_per_sample"
+  res = {"variant": variant, "step": s, "sequences_per_s": B / s["median_s"],
          "completion_tokens_per_s": B * L / s["median_s"], "peak_gib": common.peak_gib(),
          "metrics_last": {k: float(v) for k, v in m.items()}}
   config = {"size": size, "prompts": R, "group_size": G, "prompt_len": P, "new_tokens": L,
             "preset": "grpo", "kl_coef": rl.kl_coef, "microbatches": micro,
             "remat": args.remat, "logprob_chunk": args.logprob_chunk,
             "attention_impl": args.attention_impl, "param_dtype": "float32",
+            "rollout_shared_prefix": bool(args.shared_prefix),
             "dtype": "bfloat16", "reward": "fraction of even token ids", "stop_tokens": "none"}
   common.write_record(args, "w1_grpo_step", config, res)
   common.print_table(f"W1 GRPO step {size}, {R}x{G} seqs, prompt {P}, {L} new",
                      ["variant", "step s", "seq/s", "tok/s", "peak GiB"],
-                     [["base", s["median_s"], res["sequences_per_s"],
+                     [[variant, s["median_s"], res["sequences_per_s"],
                        res["completion_tokens_per_s"], res["peak_gib"]]])
 
 

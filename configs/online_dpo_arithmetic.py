@@ -7,8 +7,12 @@ policy, scores them with the exact-match verifier (the rule: the answer is the
 prompt's exact result), pairs the best with the worst (prompts whose 8 answers
 tie are masked and counted) and applies the preference loss (RPO = DPO + η·NLL
 of the chosen answer by default) with the starting policy as the reference.
-`--config.online.selection=dice` ranks by the implicit reward instead. Stage 1
-is a short SFT warm-start on the same single-digit +/- problems.
+Stage 1 is a short SFT warm-start on the same single-digit +/- problems.
+DICE ranks by the policy's own implicit reward β·log(π_θ/π_ref) instead, so it
+starts from a DPO-trained policy with the model that run started from as π_ref:
+after configs/dpo_arithmetic.py in /tmp/dpo_arith, add
+`--config.online.selection=dice --config.trainer.init_from=/tmp/dpo_arith
+--config.online.reference_from=/tmp/dpo_arith/sft_warmstart`.
 Hardware: 2 CPU cores, about 2.5 minutes. Measured (CPU, defaults, 512
 held-out problems, seeds 0/1/2): greedy accuracy 0.11/0.11/0.22 after the SFT
 stage -> 0.33/0.62/0.35 after 120 online steps; sampled (T=1)

@@ -52,6 +52,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxrl_llm import fileio
+
 _STATE = "state"
 _EXTRA = "extra"
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -128,7 +130,9 @@ class Checkpointer:
       raise ValueError(f"Checkpointer workdir={workdir!r} must be a non-empty "
                        "path.")
     self.cfg = cfg or CheckpointConfig()
-    self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    # fileio names the missing package (gcsfs, ...) for a gs:// etc. workdir;
+    # orbax writes arrays through tensorstore and everything else through epath.
+    self.directory = fileio.as_path(workdir) / CHECKPOINT_SUBDIR
     if not create and not self.directory.exists():
       raise FileNotFoundError(
           f"Checkpoint directory {self.directory} does not exist (create="
@@ -270,8 +274,34 @@ class Checkpointer:
         args=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True))
+    # A partial restore hands back the target leaf where the checkpoint has none.
+    missing = [jax.tree_util.keystr(path) for path, leaf
+               in jax.tree_util.tree_leaves_with_path(restored["params"])
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+      raise ValueError(
+          f"Checkpoint {self.directory / str(step)} has no saved state.params{missing[0]} "
+          f"({len(missing)} of the requested params are missing): it was not saved from a "
+          "train state with these params (another model or kind of run?).")
     logging.info("Restored params of step %d from %s.", step, self.directory)
     return restored["params"]
+
+  def restore_extra(self, step: int | None = None) -> dict[str, Any]:
+    """Restores only the JSON ``extra`` of a step (the latest by default).
+
+    E.g. the config snapshot of another run, read before its arrays are
+    restored (the snapshot says what shapes to restore them into).
+    """
+    self.wait()
+    if step is None:
+      step = self.latest_step()
+    if step is None or step not in self._manager.all_steps():
+      raise FileNotFoundError(
+          f"No finished checkpoint{'' if step is None else f' for step {step}'} in "
+          f"{self.directory}; available steps: {self.all_steps()}.")
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))
+    return dict(restored[_EXTRA] or {})
 
   def wait(self) -> None:
     """Blocks until every started save is finished and visible."""

@@ -15,13 +15,15 @@ from typing import Any, Optional, Union
 
 from jaxrl_llm.checkpoint import CheckpointConfig
 from jaxrl_llm.data.pipeline import DataConfig
+from jaxrl_llm.eval import EvalConfig
+from jaxrl_llm.metrics import MetricsConfig
 from jaxrl_llm.optim import OptimConfig
-from jaxrl_llm.preference.online import OnlineDPOConfig
+from jaxrl_llm.preference.online import IterativeDPOConfig, OnlineDPOConfig
 from jaxrl_llm.preference.step import PreferenceConfig
 from jaxrl_llm.rl.config import PRESETS, RLConfig
 from jaxrl_llm.sharding import MeshConfig
 
-KINDS = ("sft", "rl", "dpo", "reward_model", "online_dpo")
+KINDS = ("sft", "rl", "dpo", "reward_model", "online_dpo", "iterative_dpo")
 MODEL_SOURCES = ("builtin", "hf")
 NAN_POLICIES = ("skip", "stop")
 # Built-in model sizes (vocab comes from the tokenizer). "tiny" learns the
@@ -61,19 +63,24 @@ class ModelSpec:
 class RewardSpec:
   """Weighted reward components by name (see `jaxrl_llm.rewards.registry`)."""
   components: tuple[tuple[str, float], ...] = (("correct", 1.0),)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  every_steps: int = 0          # 0: only at the start and the end
-  num_examples: int = 256       # held-out examples (test split)
-  batch_size: int = 128
-  max_new_tokens: int = 16
+  # "math": with no \boxed{}, '####' or "the answer is X", take the last number in the completion.
+  math_last_number_fallback: bool = False
+  # "reward_model" component: the workdir of a finished kind="reward_model" run (its
+  # checkpoint gives the params, its stored config the architecture and heads).
+  reward_model_path: str = ""
 
   def __post_init__(self):
-    if self.num_examples < 0 or self.batch_size < 1 or self.max_new_tokens < 1:
-      raise ValueError(f"eval: num_examples >= 0, batch_size >= 1 and max_new_tokens >= 1 "
-                       f"required, got {self}")
+    uses_rm = any(name == "reward_model" for name, _ in self.components)
+    if uses_rm and not self.reward_model_path:
+      raise ValueError("reward.components names 'reward_model' but reward.reward_model_path is "
+                       "empty: set it to the workdir of a kind='reward_model' run")
+    if self.reward_model_path and not uses_rm:
+      raise ValueError(f"reward.reward_model_path={self.reward_model_path!r} is set but "
+                       "reward.components does not use it: add ('reward_model', 1.0) to "
+                       "reward.components, or clear the path")
+    if not isinstance(self.math_last_number_fallback, bool):
+      raise ValueError(f"reward.math_last_number_fallback must be True or False, got "
+                       f"{self.math_last_number_fallback!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +133,9 @@ class TrainerConfig:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   kind: str = "rl"
+  # Model init and every random draw of training (rollouts, minibatch order), the same on any
+  # mesh and process count. The data (problems, their order) follow data.seed; the held-out
+  # evaluation's draws follow eval.seed.
   seed: int = 0
   model: ModelSpec = ModelSpec()
   data: DataConfig = DataConfig()
@@ -139,10 +149,32 @@ class ExperimentConfig:
   preference: PreferenceConfig = PreferenceConfig()   # kind "dpo"
   online: OnlineDPOConfig = OnlineDPOConfig()         # kind "online_dpo"
   reward_model: RewardModelConfig = RewardModelConfig()  # kind "reward_model"
+  metrics: MetricsConfig = MetricsConfig()  # JSONL / TensorBoard / W&B outputs
+  iterative: IterativeDPOConfig = IterativeDPOConfig()   # kind "iterative_dpo"
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"kind={self.kind!r}; choose one of {KINDS}")
+    uses_rm = any(name == "reward_model" for name, _ in self.reward.components)
+    if self.kind == "online_dpo" and self.online.selection == "sea" and not uses_rm:
+      raise ValueError("online.selection='sea' draws its pair from a reward-model ensemble: set "
+                       "reward.components=(('reward_model', 1.0),) and reward.reward_model_path "
+                       "to a kind='reward_model' run with reward_model.num_heads >= 2")
+    on = self.online
+    if (self.kind == "online_dpo" and on.selection == "dice" and not on.reference_from
+        and on.dice_length_penalty == 0):
+      raise ValueError("online.selection='dice' ranks by β·log(π_θ/π_ref), which is 0 for every "
+                       "response while π_θ = π_ref (the starting policy): no pair would ever "
+                       "differ. Start from a preference-trained policy (trainer.init_from) with "
+                       "online.reference_from = the model it started from, or set "
+                       "online.dice_length_penalty > 0")
+    if self.kind == "rl" and self.trainer.split_mode and uses_rm:
+      raise ValueError("the 'reward_model' reward runs in the compiled step: set "
+                       "trainer.split_mode=False")
+    if self.kind == "iterative_dpo" and self.iterative.judge == "self" and uses_rm:
+      raise ValueError("iterative.judge='self' scores with the policy, so the reward model of "
+                       "reward.components is not used: set iterative.judge='reward' to judge "
+                       "with it, or drop it from reward.components")
 
 
 # ---------------------------------------------------------------------------

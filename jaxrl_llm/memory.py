@@ -338,7 +338,8 @@ def plan_for_experiment(cfg, model: ModelConfig, num_devices: Optional[int] = No
                      seq_len=data.max_prompt_len + data.max_completion_len, group_size=2,
                      microbatches=cfg.trainer.microbatches, reference=True,
                      kv_cache_len=(data.max_prompt_len + data.max_completion_len
-                                   if cfg.kind == "online_dpo" else 0), **common)
+                                   if cfg.kind in ("online_dpo", "iterative_dpo") else 0),
+                     **common)
 
 
 def device_memory_bytes(device=None) -> Optional[int]:

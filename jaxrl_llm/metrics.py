@@ -17,6 +17,11 @@ The training loop keeps the host one step behind the device:
 
 so fetching step N-1's numbers never blocks the step just dispatched.
 
+Where metrics go: `MetricWriter` writes JSONL and TensorBoard event files to
+any workdir `jaxrl_llm.fileio` serves (local, gs://, s3://, ...) and logs to
+Weights & Biases when `MetricsConfig.wandb_project` is set; `read_metrics`
+reads a run's JSONL back whatever the path kind.
+
 NaN/Inf policy. ``apply_if_finite`` runs inside the jitted step and keeps
 the old state when any gradient (or the loss) is not finite; the host-side
 ``NonFiniteGuard`` then either counts such steps ("skip") or stops the run
@@ -25,9 +30,15 @@ the old state when any gradient (or the loss) is not finite; the host-side
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
+import re
+import secrets
+import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from jaxrl_llm import fileio
 
 NONFINITE_POLICIES = ("skip", "stop")
 
@@ -68,67 +81,297 @@ def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
   return {name: _to_float(name, value) for name, value in fetched.items()}
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+JSONL_NAME = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id.txt"
+_PART_RE = re.compile(r"^metrics-(\d+)\.jsonl$")
+_WRITER_NUMBERS = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+  """Where a run's metrics go (`ExperimentConfig.metrics`).
+
+  Attributes:
+    jsonl: write metrics as JSON lines (see `MetricWriter` for the files).
+    tensorboard: write TensorBoard event files under `<workdir>/tensorboard`.
+    flush_every_seconds: push buffered metrics out at least this often (the
+      trainer also flushes at every checkpoint and at the end). On an object
+      store each flush rewrites the current part file, up to
+      `remote_part_mb`.
+    remote_part_mb: on object stores (gs://, s3://, ...), start a new part
+      file once the current one holds this many MiB, which bounds what a
+      flush uploads.
+    wandb_project: also log to this Weights & Biases project ("" = off);
+      needs `pip install wandb`.
+    wandb_entity: W&B user or team ("" = the default entity).
+    wandb_run_name: W&B display name ("" = W&B's generated name).
+    wandb_mode: "online", "offline" (files under the run's wandb/ folder, to
+      `wandb sync` later) or "disabled".
+
+  An SFT warm-start stage runs in `<workdir>/sft_warmstart` and so logs as a
+  W&B run of its own.
+  """
+
+  jsonl: bool = True
+  tensorboard: bool = True
+  flush_every_seconds: float = 60.0
+  remote_part_mb: float = 4.0
+  wandb_project: str = ""
+  wandb_entity: str = ""
+  wandb_run_name: str = ""
+  wandb_mode: str = "online"
+
+  def __post_init__(self):
+    for name in ("jsonl", "tensorboard"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"metrics.{name}={getattr(self, name)!r} must be True or False")
+    if not self.flush_every_seconds > 0:
+      raise ValueError(f"metrics.flush_every_seconds={self.flush_every_seconds!r} must be > 0")
+    if not self.remote_part_mb > 0:
+      raise ValueError(f"metrics.remote_part_mb={self.remote_part_mb!r} must be > 0 (MiB per "
+                       "part file on object stores)")
+    for name in ("wandb_project", "wandb_entity", "wandb_run_name"):
+      if not isinstance(getattr(self, name), str):
+        raise ValueError(f"metrics.{name}={getattr(self, name)!r} must be a string ('' = "
+                         "unset)")
+    if self.wandb_mode not in WANDB_MODES:
+      raise ValueError(f"metrics.wandb_mode={self.wandb_mode!r}; choose one of {WANDB_MODES}")
+
+
+class _AppendFile:
+  """A local file that grows by appending (the previous content is kept)."""
+
+  def __init__(self, path: str):
+    # Held open for the writer's lifetime; close() closes it.
+    self._file = open(path, "ab")  # noqa: SIM115
+
+  def write(self, data: bytes) -> None:
+    self._file.write(data)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class _RewrittenParts:
+  """A growing file on an object store, as numbered parts rewritten whole.
+
+  Object stores cannot append, so the current part's bytes are kept in memory
+  and the whole object is written at each flush; once it holds `part_bytes`
+  the next write starts the next part, so a flush never uploads more than
+  about `part_bytes` (plus what was written since the last flush).
+  `header` starts every part (e.g. an event file's version record).
+  """
+
+  def __init__(self, name_of_part: Callable[[int], str], first_part: int, part_bytes: int,
+               header: bytes = b""):
+    self._name_of_part = name_of_part
+    self._part = first_part
+    self._part_bytes = part_bytes
+    self._header = header
+    self._buffer = bytearray(header)
+    self._dirty = False
+
+  def write(self, data: bytes) -> None:
+    if len(self._buffer) >= self._part_bytes:
+      self.flush()
+      self._part += 1
+      self._buffer = bytearray(self._header)
+    self._buffer += data
+    self._dirty = True
+
+  def flush(self) -> None:
+    if self._dirty:
+      fileio.write_bytes(self._name_of_part(self._part), bytes(self._buffer))
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
+def _tfrecord(data: bytes) -> bytes:
+  """One TFRecord: u64 length, masked crc32c(length), data, masked crc32c(data)."""
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+  header = struct.pack("<Q", len(data))
+  return (header + struct.pack("<I", masked_crc32c(header)) + data
+          + struct.pack("<I", masked_crc32c(data)))
+
+
+def _event_record(step: int | None = None, values: Mapping[str, float] | None = None) -> bytes:
+  """A TensorBoard event: scalars at `step`, or (no values) the file-version header."""
+  from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  event = event_pb2.Event(wall_time=time.time())
+  if values is None:
+    event.file_version = "brain.Event:2"
+  else:
+    event.step = step
+    for name, value in values.items():
+      event.summary.value.extend(summary.scalar(name, value).value)
+  return _tfrecord(event.SerializeToString())
+
+
+def _part_index(path: str) -> int | None:
+  match = _PART_RE.match(os.path.basename(path))
+  return int(match.group(1)) if match else None
+
+
+def _jsonl_files(workdir: str | os.PathLike) -> list[str]:
+  """A run's JSONL files in the order written: metrics.jsonl, then the parts."""
+  appended = fileio.join(workdir, JSONL_NAME)
+  parts = sorted((i, p) for p in fileio.glob(workdir, "metrics-*.jsonl")
+                 if (i := _part_index(p)) is not None)
+  return ([appended] if fileio.exists(appended) else []) + [p for _, p in parts]
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, float]]:
+  """Every metrics row of a run (any path kind), in the order written.
+
+  Reads `<workdir>/metrics.jsonl` (local runs) and then the part files
+  `metrics-00000.jsonl`, `metrics-00001.jsonl`, ... (object-store runs) in
+  numeric order. A step re-run after a resume appears again, and one step can
+  have several rows (training metrics, evaluation): merge rows by "step" as
+  needed. A last line cut short by a crash (no newline at its end) is left
+  out with a warning; any other unreadable line raises ValueError.
+  """
+  rows = []
+  for path in _jsonl_files(workdir):
+    text = fileio.read_text(path)
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        if number == len(lines):  # no newline after it: a write cut short
+          logging.warning("%s: left out the unfinished last line %d (%r).", path, number,
+                          line[:80])
+          continue
+        raise ValueError(f"{path}:{number} is not a JSON object: {e}") from e
+  return rows
+
+
+def _import_wandb(project: str):
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"metrics.wandb_project={project!r} needs the 'wandb' package: pip install wandb "
+        "(or pip install 'jaxrl_llm[wandb]'), or leave metrics.wandb_project empty.") from e
+  return wandb
+
+
 class MetricWriter:
   """Writes scalar metrics to JSONL, TensorBoard and optionally W&B.
 
   Only the primary process writes; on the others every method is a no-op.
+  `workdir` is any path `jaxrl_llm.fileio` serves: local, gs://, s3://, ...
 
-  Outputs under ``workdir``:
-    metrics.jsonl   one JSON object per ``write``: ``{"step": s, name: v,
-                    ...}``. Appended to, so a resumed run continues the file;
-                    a step re-run after a restart appears again (readers
-                    keep the last line of each step). NaN and Inf are
-                    written as the ``NaN``/``Infinity`` literals that
-                    Python's ``json`` and pandas read back.
-    tensorboard/    TensorBoard event files (tensorboardX), one scalar
-                    series per name.
+  Outputs under `workdir`:
+    JSONL           one JSON object per `write`: {"step": s, name: v, ...}.
+                    NaN and Inf are written as the NaN/Infinity literals that
+                    Python's json and pandas read back. A step re-run after a
+                    restart appears again. Read them with `read_metrics`.
+                    Local path: `metrics.jsonl`, appended to, so a resumed
+                    run continues the file.
+                    Object store: `metrics-00000.jsonl`, `metrics-00001.jsonl`,
+                    ... Object stores cannot append, so each flush rewrites
+                    the current part whole, and a part past `remote_part_mb`
+                    is followed by a new one; a resumed run starts after the
+                    highest existing part. Rows written after the last flush
+                    are lost if the process is killed (the trainer flushes at
+                    every checkpoint, so those steps are re-run and logged
+                    again).
+    tensorboard/    TensorBoard event files, one scalar series per name. Local:
+                    one file per writer, appended to. Object store: numbered
+                    files per writer (`events.out.tfevents.<time>.<host>.
+                    <pid>.<n>.00000`, ...), each rewritten at flush like the
+                    JSONL parts. Point TensorBoard at the gs:// folder where
+                    it can read GCS (TensorFlow installed), or copy it down
+                    (`gcloud storage rsync`).
+    wandb_run_id.txt  with W&B: the run's id, so that a resumed run logs to
+                    the same W&B run. W&B gets the step as the metric "step"
+                    (the x-axis of every chart), so steps re-run after a
+                    resume are kept rather than refused as out of order.
 
   Args:
-    workdir: run directory (local or mounted file system).
-    jsonl: write ``metrics.jsonl``.
-    tensorboard: write TensorBoard event files.
-    wandb_project: if set, also log to this Weights & Biases project (needs
-      the ``wandb`` package).
-    wandb_config: run configuration recorded by W&B.
+    workdir: run directory.
+    config: what to write (JSONL, TensorBoard, W&B) and how often to flush.
+    run_config: the run's configuration, recorded by W&B.
     is_primary: whether this process writes; defaults to
-      ``jax.process_index() == 0``.
+      `jax.process_index() == 0`.
+    clock: seconds, for `config.flush_every_seconds`.
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, jsonl: bool = True,
-               tensorboard: bool = True, wandb_project: str | None = None,
-               wandb_config: Mapping[str, Any] | None = None,
-               is_primary: bool | None = None):
+  def __init__(self, workdir: str | os.PathLike, config: MetricsConfig | None = None, *,
+               run_config: Mapping[str, Any] | None = None, is_primary: bool | None = None,
+               clock: Callable[[], float] = time.monotonic):
     self.workdir = os.fspath(workdir)
+    self.config = config if config is not None else MetricsConfig()
     self.is_primary = (jax.process_index() == 0
                        if is_primary is None else bool(is_primary))
+    self._clock = clock
+    self._last_flush = clock()
     self._jsonl = None
-    self._tb = None
+    self._events = None
     self._wandb_run = None
     if not self.is_primary:
       return
-    os.makedirs(self.workdir, exist_ok=True)
-    if jsonl:
-      # Held open for the writer's lifetime; close() closes it.
-      self._jsonl = open(  # noqa: SIM115
-          os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    if tensorboard:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(
-          logdir=os.path.join(self.workdir, "tensorboard"))
-    if wandb_project is not None:
-      try:
-        import wandb  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise ImportError(
-            f"MetricWriter(wandb_project={wandb_project!r}) needs the "
-            "'wandb' package: pip install wandb (or leave wandb_project "
-            "unset).") from e
-      self._wandb_run = wandb.init(
-          project=wandb_project, dir=self.workdir,
-          config=dict(wandb_config or {}))
+    cfg = self.config
+    local = fileio.is_local(self.workdir)
+    part_bytes = max(1, int(cfg.remote_part_mb * 2**20))
+    fileio.makedirs(self.workdir)
+    if cfg.jsonl:
+      if local:
+        self._jsonl = _AppendFile(fileio.join(self.workdir, JSONL_NAME))
+      else:
+        existing = [i for p in fileio.glob(self.workdir, "metrics-*.jsonl")
+                    if (i := _part_index(p)) is not None]
+        self._jsonl = _RewrittenParts(
+            lambda i: fileio.join(self.workdir, f"metrics-{i:05d}.jsonl"),
+            max(existing, default=-1) + 1, part_bytes)
+    if cfg.tensorboard:
+      logdir = fileio.join(self.workdir, TENSORBOARD_SUBDIR)
+      fileio.makedirs(logdir)
+      # TensorBoard orders a folder's event files by name: time, host, pid,
+      # and the writer's number in this process (two writers never share one).
+      stem = fileio.join(logdir, f"events.out.tfevents.{int(time.time()):010d}."
+                                 f"{socket.gethostname()}.{os.getpid()}.{next(_WRITER_NUMBERS)}")
+      if local:
+        self._events = _AppendFile(stem)
+        self._events.write(_event_record())
+      else:
+        self._events = _RewrittenParts(lambda i: f"{stem}.{i:05d}", 0, part_bytes,
+                                       header=_event_record())
+    if cfg.wandb_project:
+      self._wandb_run = self._init_wandb(run_config)
+
+  def _init_wandb(self, run_config: Mapping[str, Any] | None):
+    cfg = self.config
+    wandb = _import_wandb(cfg.wandb_project)
+    id_file = fileio.join(self.workdir, WANDB_ID_FILE)
+    resuming = fileio.exists(id_file)
+    run_id = fileio.read_text(id_file).strip() if resuming else secrets.token_hex(4)
+    run = wandb.init(
+        project=cfg.wandb_project, entity=cfg.wandb_entity or None,
+        name=cfg.wandb_run_name or None, mode=cfg.wandb_mode, id=run_id, resume="allow",
+        # W&B keeps its own files locally: in the workdir when that is local,
+        # else in its default folder (./wandb, or $WANDB_DIR).
+        dir=self.workdir if fileio.is_local(self.workdir) else None,
+        config=dict(run_config or {}))
+    if not resuming:
+      fileio.write_text(id_file, run_id + "\n")
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Records ``metrics`` (scalars; device arrays are fetched) at ``step``."""
+    """Records `metrics` (scalars; device arrays are fetched) at `step`."""
     if not self.is_primary:
       return
     if "step" in metrics:
@@ -136,28 +379,28 @@ class MetricWriter:
     step = int(step)
     values = to_host(metrics)
     if self._jsonl is not None:
-      self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-    if self._tb is not None:
-      for name, value in values.items():
-        self._tb.add_scalar(name, value, global_step=step)
+      self._jsonl.write((json.dumps({"step": step, **values}) + "\n").encode("utf-8"))
+    if self._events is not None and values:
+      self._events.write(_event_record(step, values))
     if self._wandb_run is not None:
-      self._wandb_run.log(values, step=step)
+      self._wandb_run.log({"step": step, **values})
+    if self._clock() - self._last_flush >= self.config.flush_every_seconds:
+      self.flush()
 
   def flush(self) -> None:
-    """Pushes buffered metrics to disk."""
-    if self._jsonl is not None:
-      self._jsonl.flush()
-    if self._tb is not None:
-      self._tb.flush()
+    """Pushes buffered metrics to the workdir (a rewrite of the current part
+    file on object stores); call at every checkpoint."""
+    for output in (self._jsonl, self._events):
+      if output is not None:
+        output.flush()
+    self._last_flush = self._clock()
 
   def close(self) -> None:
     """Flushes and closes every output; the writer is unusable afterwards."""
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    for output in (self._jsonl, self._events):
+      if output is not None:
+        output.close()
+    self._jsonl = self._events = None
     if self._wandb_run is not None:
       self._wandb_run.finish()
       self._wandb_run = None

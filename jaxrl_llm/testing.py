@@ -22,3 +22,26 @@ def tiny_config(family: str = "llama", **overrides) -> ModelConfig:
 def tiny_params(cfg: ModelConfig, seed: int = 0):
   from jaxrl_llm.models import init_params
   return init_params(cfg, jax.random.key(seed))
+
+
+def tiny_instruct_checkpoint(path, tokenizer_dir, *, family: str = "qwen2", seed: int = 0):
+  """A random tiny HF checkpoint with a chat tokenizer: what a user's instruct model looks like.
+
+  Writes `save_hf` weights (vocab = the tokenizer's) and copies the
+  tokenizer files of `tokenizer_dir` (tokenizer.json, tokenizer_config.json,
+  ...) next to them, so the directory serves as both `model.path` and
+  `data.tokenizer`. Returns the path as a string.
+  """
+  import pathlib
+  import shutil
+
+  from jaxrl_llm.models.hf import save_hf
+  from jaxrl_llm.tokenizers import load_tokenizer
+
+  tokenizer = load_tokenizer(str(tokenizer_dir))
+  cfg = tiny_config(family, vocab_size=tokenizer.vocab_size, max_position_embeddings=2048)
+  out = save_hf(cfg, tiny_params(cfg, seed), path)
+  for file in sorted(pathlib.Path(tokenizer_dir).iterdir()):
+    if file.is_file():
+      shutil.copy(file, pathlib.Path(out) / file.name)
+  return str(out)

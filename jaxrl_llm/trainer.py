@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -21,16 +20,15 @@ import numpy as np
 from absl import logging
 
 from jaxrl_llm import config as config_lib
-from jaxrl_llm import memory, optim, sharding
+from jaxrl_llm import eval as eval_lib
+from jaxrl_llm import fileio, memory, optim, sharding
 from jaxrl_llm.checkpoint import Checkpointer, PreemptionGuard
-from jaxrl_llm.data import tasks
 from jaxrl_llm.data.builders import load_split
 from jaxrl_llm.data.pipeline import DataIterator
 from jaxrl_llm.metrics import AsyncMetrics, MetricWriter, NonFiniteError, NonFiniteGuard, Progress
 from jaxrl_llm.models import decoder
 from jaxrl_llm.rewards import registry
 from jaxrl_llm.rl import rl_step as rl_lib
-from jaxrl_llm.sampling import sample
 from jaxrl_llm.sft import sft_step
 from jaxrl_llm.tokenizers import load_tokenizer
 from jaxrl_llm.train_state import create_train_state
@@ -50,6 +48,9 @@ def _say(msg: str) -> None:
   logging.info(msg)
 
 
+say = _say  # public: progress messages of a run (process 0 prints)
+
+
 # ---------------------------------------------------------------------------
 # Model, params and evaluation.
 # ---------------------------------------------------------------------------
@@ -58,9 +59,8 @@ def model_config(cfg: config_lib.ExperimentConfig, tokenizer):
   if spec.source == "builtin":
     return config_lib.builtin_model_config(spec, tokenizer.vocab_size)
   from jaxrl_llm.models import hf
-  with open(os.path.join(spec.path, "config.json")) as f:
-    import json
-    model_cfg = hf.config_from_hf(json.load(f))
+  hf_config = json.loads(fileio.read_text(fileio.join(spec.path, "config.json")))
+  model_cfg = hf.config_from_hf(hf_config)
   model_cfg = model_cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype,
                                 remat=spec.remat, attention_impl=spec.attention_impl)
   if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -82,7 +82,7 @@ def initial_params(cfg: config_lib.ExperimentConfig, workdir: str, model_cfg, pa
         _abstract_params(model_cfg, param_shardings))
   ws = cfg.trainer.sft_warmstart
   if cfg.kind != "sft" and ws.num_steps > 0:
-    sft_dir = os.path.join(workdir, "sft_warmstart")
+    sft_dir = fileio.join(workdir, "sft_warmstart")
     _say(f"Stage 1: SFT warm-start for {ws.num_steps} steps in {sft_dir}")
     run(sft_warmstart_config(cfg), sft_dir)
     _say("Stage 2: " + cfg.kind.upper())
@@ -114,78 +114,15 @@ def sft_warmstart_config(cfg: config_lib.ExperimentConfig) -> config_lib.Experim
                                      save_interval_steps=max(ws.num_steps // 2, 1)))
 
 
-def _is_correct(example: dict, text: str) -> bool:
-  """Held-out correctness of a decoded completion (task verifier, rule, or math)."""
-  if example.get("task") in tasks.TASKS:
-    return tasks.is_correct(example, text)
-  if "chosen" in example:  # the synthetic preference task: does it follow the rule?
-    from jaxrl_llm.data.builders import follows_arithmetic_rule
-    return follows_arithmetic_rule(example["prompt"], text)
-  from jaxrl_llm.rewards import host
-  return host.math_equal(host.extract_answer(text), str(example.get("answer", "")))
-
-
-class Evaluator:
-  """Held-out accuracy on the test split: greedy, and sampled at the RL temperature.
-
-  Correctness is checked on the host on decoded text (the task's verifier,
-  the preference task's rule, or math answer equivalence for file datasets).
-  "eval/accuracy" is greedy; "eval/sample_accuracy" is pass@1 of one sample
-  per prompt at temperature `rl.temperature`, the quantity RL raises.
-  """
-
-  def __init__(self, cfg: config_lib.ExperimentConfig, model_cfg, tokenizer, mesh, workdir):
-    examples = list(load_split(cfg.data, "test", workdir=workdir))[:cfg.eval.num_examples]
-    self.tokenizer, self.mesh = tokenizer, mesh
-    P = cfg.data.max_prompt_len
-    self.examples, rows = [], []
-    for ex in examples:  # left-padded prompts; over-long ones are skipped
-      ids = tokenizer.encode(cfg.data.prompt_template.format(prompt=ex["prompt"]),
-                             add_bos=cfg.data.add_bos and tokenizer.bos_id is not None)
-      if 0 < len(ids) <= P:
-        self.examples.append(ex)
-        rows.append(ids)
-    bs = min(cfg.eval.batch_size, max(len(rows), 1))
-    bs = -(-bs // jax.device_count()) * jax.device_count()
-    n = -(-len(rows) // bs) * bs
-    self.tokens = np.full((n, P), tokenizer.pad_id, np.int32)
-    self.mask = np.zeros((n, P), np.int32)
-    for i, ids in enumerate(rows):
-      self.tokens[i, P - len(ids):], self.mask[i, P - len(ids):] = ids, 1
-    self.mask[len(rows):, -1] = 1  # padding rows: one dummy token, ignored
-    self.batch_size = bs
-    common = dict(max_new_tokens=cfg.eval.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
-                  pad_id=tokenizer.pad_id)
-    self.modes = {
-        "": jax.jit(functools.partial(sample, model_cfg, greedy=True, **common)),
-        "sample_": jax.jit(functools.partial(sample, model_cfg, temperature=cfg.rl.temperature,
-                                             **common)),
-    }
-
-  def __call__(self, params) -> dict[str, float]:
-    if not self.examples:
-      return {}
-    results = {}
-    for prefix, gen in self.modes.items():
-      correct, lengths, finished = [], [], []
-      for start in range(0, len(self.tokens), self.batch_size):
-        sl = slice(start, start + self.batch_size)
-        dev = sharding.shard_batch({"t": self.tokens[sl], "m": self.mask[sl]}, self.mesh)
-        out = sharding.to_host(gen(params, dev["t"], dev["m"], jax.random.key(start)))
-        for row in range(self.batch_size):
-          i = start + row
-          if i >= len(self.examples):
-            break
-          n = int(out.lengths_B[row])
-          text = self.tokenizer.decode([int(t) for t in out.tokens_BL[row, :n]])
-          correct.append(bool(out.finished_B[row]) and _is_correct(self.examples[i], text))
-          lengths.append(n)
-          finished.append(bool(out.finished_B[row]))
-      results[f"eval/{prefix}accuracy"] = float(np.mean(correct))
-      results[f"eval/{prefix}response_length"] = float(np.mean(lengths))
-      results[f"eval/{prefix}finished"] = float(np.mean(finished))
-    results["eval/num_examples"] = float(len(self.examples))
-    return results
+def make_evaluator(cfg: config_lib.ExperimentConfig, model_cfg, tokenizer, mesh, workdir):
+  """The held-out evaluator of a run (`jaxrl_llm.eval.Evaluator`) on the test split."""
+  examples = load_split(cfg.data, "test", workdir=workdir)
+  n = min(len(examples), cfg.eval.num_examples)
+  return eval_lib.Evaluator(cfg.eval, cfg.data, model_cfg, tokenizer, mesh,
+                            examples=[examples[i] for i in range(n)],
+                            temperature=cfg.rl.temperature,
+                            last_number_fallback=cfg.reward.math_last_number_fallback,
+                            workdir=workdir, say=_say)
 
 
 def summary_table(before: dict, after: dict, steps: int, kind: str) -> str:
@@ -232,7 +169,7 @@ def _loop(r: Run) -> dict[str, float]:
     r.iterator.set_state(extra["data"])
     _say(f"Resuming from step {int(state.step)} (checkpoint in {ckpt.directory})")
   step = int(state.step)
-  writer = MetricWriter(r.workdir)
+  writer = MetricWriter(r.workdir, cfg.metrics, run_config=config_lib.to_dict(cfg))
   rng = jax.random.key(cfg.seed)
   final: dict[str, float] = {}
   if step >= num_steps:
@@ -241,13 +178,12 @@ def _loop(r: Run) -> dict[str, float]:
     ckpt.close()
     return final
 
-  start_file = os.path.join(r.workdir, "eval_start.json")
+  start_file = fileio.join(r.workdir, "eval_start.json")
   if step == 0 and r.evaluate is not None:
-    first = r.evaluate(state.params)
+    first = r.evaluate(state.params, 0)
     writer.write(0, first)
-    if jax.process_index() == 0 and "://" not in start_file:
-      with open(start_file, "w") as f:
-        json.dump(first, f)
+    if jax.process_index() == 0:
+      fileio.write_text(start_file, json.dumps(first))
     _say("step 0: " + ", ".join(f"{k}={v:.4g}" for k, v in first.items()))
   progress = Progress(num_steps, show=("loss/nll", "loss/policy", "loss/total", "reward/mean",
                                        "rl/accuracy", "pref/accuracy", "rm/accuracy"),
@@ -286,10 +222,11 @@ def _loop(r: Run) -> dict[str, float]:
       evaluate_now = (r.evaluate is not None and cfg.eval.every_steps
                       and step % cfg.eval.every_steps == 0 and step < num_steps)
       if evaluate_now:
-        ev = r.evaluate(state.params)
+        ev = r.evaluate(state.params, step)
         writer.write(step, ev)
         _say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
-      ckpt.save(step, state, extra=extra_fn())
+      if ckpt.save(step, state, extra=extra_fn()):
+        writer.flush()  # the metrics up to a checkpoint reach the workdir with it
       if preempt.should_stop(step):
         ckpt.save(step, state, extra=extra_fn(), force=True)
         ckpt.wait()
@@ -303,12 +240,11 @@ def _loop(r: Run) -> dict[str, float]:
       progress.close()
     ckpt.save(step, state, extra=extra_fn(), force=True)
     if r.evaluate is not None:
-      final = r.evaluate(state.params)
+      final = r.evaluate(state.params, step)
       writer.write(step, final)
       _say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
-      if os.path.exists(start_file):
-        with open(start_file) as f:
-          _say(summary_table(json.load(f), final, num_steps, cfg.kind))
+      if fileio.exists(start_file):
+        _say(summary_table(json.loads(fileio.read_text(start_file)), final, num_steps, cfg.kind))
   finally:
     writer.close()
     ckpt.wait()
@@ -342,7 +278,7 @@ def _common(cfg: config_lib.ExperimentConfig, workdir: str, mode: str, extra_fn=
   iterator = DataIterator(cfg.data, "train", mode=mode, tokenizer=tokenizer, workdir=workdir)
   evaluate = None
   if cfg.eval.num_examples > 0 and cfg.data.kind in ("prompt", "preference"):
-    evaluate = Evaluator(cfg, model_cfg, tokenizer, mesh, workdir)
+    evaluate = make_evaluator(cfg, model_cfg, tokenizer, mesh, workdir)
   return mesh, tokenizer, model_cfg, tx, state, shardings, iterator, evaluate
 
 
@@ -367,7 +303,11 @@ def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
   host_needed = any(n in HOST_COMPONENTS for n in names)
   examples = list(load_split(cfg.data, "train", workdir=workdir)) if (
       host_needed or cfg.trainer.split_mode) else None
-  reward_fn = registry.build_reward_fn(cfg.reward.components, tok, examples=examples)
+  rm = restore_reward_model(cfg, tok, mesh)  # None unless reward.components use one
+  reward_fn = registry.build_reward_fn(
+      cfg.reward.components, tok, examples=examples,
+      reward_model=None if rm is None else rm.reward_fn(),
+      math_last_number_fallback=cfg.reward.math_last_number_fallback)
   step = rl_lib.RLStep(model_cfg, rl, tx, reward_fn, eos_id=tok.eos_id, pad_id=tok.pad_id,
                        mesh=mesh, rules=cfg.mesh.rules,
                        skip_nonfinite=True)
@@ -377,11 +317,14 @@ def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
     ref_params = jax.tree.map(jnp.copy, state.params)
   if cfg.trainer.split_mode:
     split = rl_lib.make_split_step(step, host_reward=registry.host_scorer(
-        cfg.reward.components, tok, examples))
+        cfg.reward.components, tok, examples,
+        math_last_number_fallback=cfg.reward.math_last_number_fallback))
     step_fn = lambda s, b, r: split(s, b, r, ref_params)
   else:
-    jitted = rl_lib.jit_rl_step(step, sh, None, sh.params if ref_params is not None else None)
-    step_fn = lambda s, b, r: jitted(s, b, r, ref_params)
+    rm_params, rm_sh = (None, None) if rm is None else (rm.params, rm.shardings)
+    jitted = rl_lib.jit_rl_step(step, sh, None, sh.params if ref_params is not None else None,
+                                rm_sh)
+    step_fn = lambda s, b, r: jitted(s, b, r, ref_params, rm_params)
   return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
                    "rl/completion_tokens", evaluate))
 
@@ -405,14 +348,31 @@ def run_online_dpo(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, 
   from jaxrl_llm.preference import online as online_lib
   online = cfg.online
   mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(cfg, workdir, "rl")
-  reward_fn = registry.build_reward_fn(cfg.reward.components, tok)
+  rm = restore_reward_model(cfg, tok, mesh)  # None unless reward.components use one
+  if online.selection == "sea" and rm.num_heads < 2:
+    raise ValueError(f"online.selection='sea' needs an ensemble to disagree, but the reward "
+                     f"model at {rm.workdir!r} has 1 head: train it with "
+                     "reward_model.num_heads >= 2")
+  reward_fn = registry.build_reward_fn(
+      cfg.reward.components, tok, examples=_host_examples(cfg, workdir),
+      reward_model=None if rm is None else rm.reward_fn(with_members=online.selection == "sea"),
+      math_last_number_fallback=cfg.reward.math_last_number_fallback)
   step = online_lib.OnlineDPOStep(model_cfg, online, tx, reward_fn, eos_id=tok.eos_id,
                                   pad_id=tok.pad_id, mesh=mesh, rules=cfg.mesh.rules)
-  ref_params = (jax.tree.map(jnp.copy, state.params)
-                if online.preference.needs_reference else None)
+  ref_params = None
+  if online.preference.needs_reference and online.reference_from:
+    _say(f"Reference params from {online.reference_from}")
+    try:
+      ref_params = Checkpointer(online.reference_from, create=False).restore_params(
+          _abstract_params(model_cfg, sh.params))
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"online.reference_from={online.reference_from!r}: {e}") from e
+  elif online.preference.needs_reference:
+    ref_params = jax.tree.map(jnp.copy, state.params)
+  rm_params, rm_sh = (None, None) if rm is None else (rm.params, rm.shardings)
   jitted = online_lib.jit_online_dpo_step(step, sh,
-                                          sh.params if ref_params is not None else None)
-  step_fn = lambda s, b, r: jitted(s, b, r, ref_params, None)
+                                          sh.params if ref_params is not None else None, rm_sh)
+  step_fn = lambda s, b, r: jitted(s, b, r, ref_params, rm_params)
   return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
                    "pref/pairs", evaluate))
 
@@ -442,7 +402,8 @@ def run_reward_model(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str
   test_examples = list(load_split(cfg.data, "test", workdir=workdir))[:cfg.eval.num_examples]
   score = jax.jit(lambda params, b: step.pair_scores(params, b))
 
-  def evaluate(params):
+  def evaluate(params, step=None):
+    del step
     chosen, rejected = [], []
     for b in DataIterator(test_cfg, "test", mode="preference", tokenizer=tok,
                           examples=test_examples, num_epochs=1, drop_remainder=True,
@@ -460,12 +421,77 @@ def run_reward_model(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str
                    lambda s, b, r: jitted(s, b, r), "rm/pairs", evaluate))
 
 
+def restore_reward_model(cfg: config_lib.ExperimentConfig, tokenizer, mesh):
+  """The trained reward model at reward.reward_model_path, on `mesh` (None if unused)."""
+  if not cfg.reward.reward_model_path:
+    return None
+  from jaxrl_llm.preference import reward_model as rm_lib
+  rm = rm_lib.restore_reward_model(
+      cfg.reward.reward_model_path, mesh=mesh, rules=cfg.mesh.rules,
+      tokenizer=cfg.data.tokenizer,
+      model_config_fn=lambda spec: model_config(dataclasses.replace(cfg, model=spec), tokenizer))
+  _say(f"reward model: {rm.num_heads} head(s) ({rm.aggregation}), "
+       f"{rm.model.num_params() / 1e6:.2f}M params, step {rm.step} of {rm.workdir}")
+  return rm
+
+
+def _uses_host_rewards(cfg: config_lib.ExperimentConfig) -> bool:
+  return any(name in registry.HOST_COMPONENTS for name, _ in cfg.reward.components)
+
+
+def _host_examples(cfg: config_lib.ExperimentConfig, workdir: str):
+  """The training split when a host reward component needs it (looked up by prompt_id)."""
+  if _uses_host_rewards(cfg):
+    return list(load_split(cfg.data, "train", workdir=workdir))
+  return None
+
+
+def run_iterative_dpo(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  """Iterative / self-rewarding DPO: rounds of sample → judge → pair → preference steps."""
+  from jaxrl_llm.preference import online as online_lib
+  it_cfg = cfg.iterative
+  it_cfg = dataclasses.replace(it_cfg, preference=dataclasses.replace(
+      it_cfg.preference, microbatches=cfg.trainer.microbatches))
+  mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(cfg, workdir, "rl")
+  rm = None
+  if it_cfg.judge == "self":
+    judge = online_lib.self_judge_from_text(tok, it_cfg.judge_suffix, it_cfg.judge_yes)
+  else:
+    rm = restore_reward_model(cfg, tok, mesh)
+    judge = registry.build_reward_fn(
+        cfg.reward.components, tok, examples=_host_examples(cfg, workdir),
+        reward_model=None if rm is None else rm.reward_fn(),
+        math_last_number_fallback=cfg.reward.math_last_number_fallback)
+  step = online_lib.IterativeDPO(model_cfg, it_cfg, tx, judge, eos_id=tok.eos_id,
+                                 pad_id=tok.pad_id, mesh=mesh, rules=cfg.mesh.rules)
+  ref_params = None
+  if it_cfg.preference.needs_reference and not it_cfg.update_reference:
+    ref_params = jax.tree.map(jnp.copy, state.params)  # the starting policy, before donation
+  rm_params, rm_sh = (None, None) if rm is None else (rm.params, rm.shardings)
+  position = it.get_state()
+  example_batch = sharding.shard_batch(next(it), mesh)  # shapes of the round buffers
+  it.set_state(position)
+  state, sh = step.with_round(state, sh, example_batch, ref_params, rm_params)
+  start, train = online_lib.jit_iterative_dpo(
+      step, sh, sh.params if ref_params is not None else None, rm_sh)
+
+  def step_fn(s, batch, rng):  # a prompt batch opens a round; {} continues it
+    if batch:
+      s = start(s, batch, rng, ref_params, rm_params)
+    return train(s, rng)
+
+  prompts = online_lib.RoundPrompts(it, it_cfg.steps_per_round)
+  return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, prompts, step_fn,
+                   "pref/pairs", evaluate))
+
+
 RUNNERS: dict[str, Callable[[config_lib.ExperimentConfig, str], dict]] = {
     "sft": run_sft,
     "rl": run_rl,
     "dpo": run_dpo,
     "online_dpo": run_online_dpo,
     "reward_model": run_reward_model,
+    "iterative_dpo": run_iterative_dpo,
 }
 
 
@@ -474,8 +500,7 @@ def run(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
   global _GUARD
   if cfg.kind not in RUNNERS:
     raise ValueError(f"kind={cfg.kind!r} has no runner; choose one of {tuple(RUNNERS)}")
-  if "://" not in workdir:
-    os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)  # any path kind; names a missing package (gcsfs, ...)
   if _GUARD is not None:  # a nested stage (e.g. the SFT warm-start) of an outer run
     return RUNNERS[cfg.kind](cfg, workdir)
   # SIGTERM from here on is handled at the next safe point: save, then exit cleanly.

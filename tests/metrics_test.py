@@ -6,6 +6,8 @@ import json
 import math
 import pathlib
 import struct
+import sys
+import types
 
 import chex
 import jax
@@ -15,6 +17,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrl_llm import config as config_lib
 from jaxrl_llm import metrics as metrics_lib
 
 
@@ -76,16 +79,38 @@ def test_writer_jsonl_and_tensorboard(tmp_path):
 
 
 def test_writer_appends_across_restarts(tmp_path):
-  with metrics_lib.MetricWriter(tmp_path, tensorboard=False,
-                                is_primary=True) as writer:
+  no_tb = metrics_lib.MetricsConfig(tensorboard=False)
+  with metrics_lib.MetricWriter(tmp_path, no_tb, is_primary=True) as writer:
     writer.write(1, {"a": 1.0})
-  with metrics_lib.MetricWriter(tmp_path, tensorboard=False,
-                                is_primary=True) as writer:
+  with metrics_lib.MetricWriter(tmp_path, no_tb, is_primary=True) as writer:
     writer.write(2, {"a": 2.0})
   steps = [json.loads(line)["step"]
            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2]
   assert not (tmp_path / "tensorboard").exists()
+  assert [r["step"] for r in metrics_lib.read_metrics(tmp_path)] == [1, 2]
+
+
+def test_read_metrics_leaves_out_a_cut_last_line_and_refuses_bad_lines(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "a": NaN}\n{"step": 2, "a"')
+  rows = metrics_lib.read_metrics(tmp_path)  # a crash cut the last write short
+  assert len(rows) == 1 and rows[0]["step"] == 1 and math.isnan(rows[0]["a"])
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a JSON object"):
+    metrics_lib.read_metrics(tmp_path)
+  assert metrics_lib.read_metrics(tmp_path / "empty") == []
+
+
+def test_local_writer_flushes_every_n_seconds(tmp_path):
+  now = [0.0]
+  cfg = metrics_lib.MetricsConfig(tensorboard=False, flush_every_seconds=10.0)
+  writer = metrics_lib.MetricWriter(tmp_path, cfg, is_primary=True, clock=lambda: now[0])
+  writer.write(1, {"a": 1.0})
+  assert (tmp_path / "metrics.jsonl").read_text() == ""  # still buffered
+  now[0] = 10.0
+  writer.write(2, {"a": 2.0})
+  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+  writer.close()
 
 
 def test_non_primary_writes_nothing(tmp_path):
@@ -97,12 +122,102 @@ def test_non_primary_writes_nothing(tmp_path):
 
 
 def test_writer_rejects_bad_metrics(tmp_path):
-  with metrics_lib.MetricWriter(tmp_path, tensorboard=False,
+  with metrics_lib.MetricWriter(tmp_path, metrics_lib.MetricsConfig(tensorboard=False),
                                 is_primary=True) as writer:
     with pytest.raises(ValueError, match="reserved"):
       writer.write(1, {"step": 1.0})
     with pytest.raises(ValueError, match=r"'loss/vec'.*scalars"):
       writer.write(1, {"loss/vec": np.zeros(3)})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("wandb_mode", "cloud", r"metrics.wandb_mode='cloud'; choose one of"),
+    ("remote_part_mb", 0.0, r"metrics.remote_part_mb=0.0 must be > 0"),
+    ("flush_every_seconds", -1.0, r"metrics.flush_every_seconds=-1.0 must be > 0"),
+    ("wandb_project", None, r"metrics.wandb_project=None must be a string"),
+    ("jsonl", "yes", r"metrics.jsonl='yes' must be True or False"),
+])
+def test_metrics_config_validation(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    metrics_lib.MetricsConfig(**{field: value})
+
+
+def test_metrics_config_comes_from_the_experiment_config():
+  c = config_lib.default_configdict(kind="sft")
+  assert c.metrics.wandb_project == "" and c.metrics.wandb_mode == "online"
+  c.metrics.wandb_project = "post-training"
+  c.metrics.wandb_mode = "offline"
+  cfg = config_lib.from_configdict(c)
+  assert cfg.metrics == metrics_lib.MetricsConfig(wandb_project="post-training",
+                                                  wandb_mode="offline")
+  c.metrics.wandb_mode = "sometimes"
+  with pytest.raises(ValueError, match=r"config.metrics: metrics.wandb_mode='sometimes'"):
+    config_lib.from_configdict(c)
+
+
+class _FakeWandb(types.ModuleType):
+  """Records what MetricWriter asks of wandb."""
+
+  def __init__(self):
+    super().__init__("wandb")
+    self.calls = []
+
+  def init(self, **kwargs):
+    self.calls.append(("init", kwargs))
+    calls = self.calls
+
+    class Run:
+      def define_metric(self, name, step_metric=None):
+        calls.append(("define_metric", name, step_metric))
+
+      def log(self, data):
+        calls.append(("log", dict(data)))
+
+      def finish(self):
+        calls.append(("finish",))
+
+    return Run()
+
+
+def test_wandb_logs_on_process_0_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  cfg = metrics_lib.MetricsConfig(tensorboard=False, wandb_project="proj", wandb_entity="team",
+                                  wandb_run_name="grpo-1", wandb_mode="offline")
+  with metrics_lib.MetricWriter(tmp_path, cfg, run_config={"kind": "rl"},
+                                is_primary=False) as writer:
+    writer.write(1, {"loss/policy": 1.0})
+  assert fake.calls == []  # only process 0 talks to W&B
+  with metrics_lib.MetricWriter(tmp_path, cfg, run_config={"kind": "rl"},
+                                is_primary=True) as writer:
+    writer.write(1, {"loss/policy": 0.5, "rl/reward_mean": jnp.float32(0.25)})
+  (_, init), *rest = fake.calls
+  run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
+  assert init == dict(project="proj", entity="team", name="grpo-1", mode="offline", id=run_id,
+                      resume="allow", dir=str(tmp_path), config={"kind": "rl"})
+  assert rest == [("define_metric", "step", None), ("define_metric", "*", "step"),
+                  ("log", {"step": 1, "loss/policy": 0.5, "rl/reward_mean": 0.25}),
+                  ("finish",)]
+  fake.calls.clear()
+  # Resumed: the same W&B run; a re-run step is logged again, not refused.
+  with metrics_lib.MetricWriter(tmp_path, cfg, is_primary=True) as writer:
+    writer.write(1, {"loss/policy": 0.75})
+  assert fake.calls[0][1]["id"] == run_id and fake.calls[0][1]["entity"] == "team"
+  assert ("log", {"step": 1, "loss/policy": 0.75}) in fake.calls
+
+
+def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
+  pytest.importorskip("wandb", reason="wandb is not installed: pip install -e '.[test]'")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  cfg = metrics_lib.MetricsConfig(jsonl=False, tensorboard=False, wandb_project="proj",
+                                  wandb_mode="offline")
+  with metrics_lib.MetricWriter(tmp_path, cfg, run_config={"seed": 0},
+                                is_primary=True) as writer:
+    writer.write(1, {"loss/nll": 2.0})
+    writer.write(2, {"loss/nll": float("nan")})
+  run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
+  runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+  assert len(runs) == 1 and list(runs[0].glob("*.wandb")), runs
 
 
 def test_wandb_missing_gives_clear_error(tmp_path, monkeypatch):
@@ -114,9 +229,9 @@ def test_wandb_missing_gives_clear_error(tmp_path, monkeypatch):
     return real_import(name, *args, **kwargs)
 
   monkeypatch.setattr(builtins, "__import__", no_wandb)
-  with pytest.raises(ImportError, match="pip install wandb"):
-    metrics_lib.MetricWriter(tmp_path, jsonl=False, tensorboard=False,
-                             wandb_project="proj", is_primary=True)
+  cfg = metrics_lib.MetricsConfig(jsonl=False, tensorboard=False, wandb_project="proj")
+  with pytest.raises(ImportError, match=r"wandb_project='proj' needs.*pip install wandb"):
+    metrics_lib.MetricWriter(tmp_path, cfg, is_primary=True)
 
 
 def test_async_metrics_returns_previous_step():

@@ -166,3 +166,38 @@ def test_config_errors(bad, msg):
   base.update(bad)
   with pytest.raises(ValueError, match=msg):
     ModelConfig(**base)
+
+
+def test_cache_expand_and_take_rows_equal_a_prefill_per_row():
+  """Prefill R prompts once, copy each to G rows (and later keep some rows):
+  decoding then equals a cache prefilled on every row separately."""
+  from jaxrl_llm.models.decoder import cache_expand, cache_take_rows
+  cfg = testing.tiny_config("qwen2")
+  params = testing.tiny_params(cfg)
+  R, G, P = 2, 3, 5
+  toks = jax.random.randint(jax.random.key(9), (R, P), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(P), (R, P))
+  valid = jnp.ones((R, P), bool).at[0, :2].set(False)  # left padding on prompt 0
+  _, once = forward_with_cache(cfg, params, toks, pos, valid, init_cache(cfg, R, P))
+  once = cache_expand(once, G, 8)
+  rep = lambda x: jnp.repeat(x, G, axis=0)
+  _, each = forward_with_cache(cfg, params, rep(toks), rep(pos), rep(valid),
+                               init_cache(cfg, R * G, 8))
+  np.testing.assert_array_equal(once["valid"], each["valid"])
+  # Slots of left padding are never attended (their keys hold whatever an
+  # all-masked query produced); every valid slot matches.
+  live = np.asarray(each["valid"])[:, :, None, None]
+  for a, b in zip(once["k"] + once["v"], each["k"] + each["v"]):
+    np.testing.assert_allclose(np.where(live, a, 0), np.where(live, b, 0), atol=1e-6)
+  nxt = jax.random.randint(jax.random.key(10), (R * G, 1), 0, cfg.vocab_size)
+  step_pos = jnp.full((R * G, 1), P)
+  a, _ = forward_with_cache(cfg, params, nxt, step_pos, jnp.ones((R * G, 1), bool), once)
+  rows = jnp.array([4, 1])
+  kept = cache_take_rows(once, rows)
+  assert kept["k"][0].shape[0] == 2 and int(kept["index"]) == P
+  b, _ = forward_with_cache(cfg, params, nxt[rows], step_pos[rows], jnp.ones((2, 1), bool),
+                            kept)
+  np.testing.assert_allclose(b, a[rows], atol=1e-5)
+  with pytest.raises(ValueError, match="max_len"):
+    cache_expand(init_cache(cfg, 1, 8), 2, 4)
+

@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxrl_llm import optim, sft, sharding, testing, tokenizers
 from jaxrl_llm.data import builders, pipeline, tasks
@@ -163,3 +164,114 @@ def test_bradley_terry_training_reaches_high_held_out_accuracy():
   assert fresh > 0.9
   assert unseen > 0.8
   assert float(m["rm/head_std"]) > 0 and np.isfinite(float(m["loss/sft"]))
+
+
+# ---------------------------------------------------------------------------
+# A trained reward model as the reward of a run, from a config (nano model, 2 steps).
+# ---------------------------------------------------------------------------
+def tiny_experiment(kind, source="arithmetic"):
+  from jaxrl_llm import config as config_lib
+  c = config_lib.default_configdict(kind=kind)
+  c.model.builtin = "nano"
+  c.data.source = source
+  c.data.num_train, c.data.num_test = 64, 8
+  c.data.batch_size = 8
+  c.data.max_prompt_len, c.data.max_answer_len, c.data.max_completion_len = 12, 6, 6
+  c.eval.num_examples = 0
+  c.checkpoint.async_save = False
+  c.trainer.num_steps = 2
+  c.trainer.log_every = 1
+  c.trainer.progress = False
+  return c
+
+
+def run_experiment(c, workdir):
+  import json
+  import os
+
+  from jaxrl_llm import config as config_lib
+  from jaxrl_llm import trainer
+  trainer.run(config_lib.from_configdict(c), os.fspath(workdir))
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_rl_with_a_reward_model_reward_from_a_config(tmp_path):
+  from jaxrl_llm.checkpoint import Checkpointer
+  c = tiny_experiment("reward_model", "preference_arithmetic")
+  c.reward_model.num_heads = 2
+  c.reward_model.aggregation = "worst_case"
+  rm_dir = tmp_path / "rm"
+  run_experiment(c, rm_dir)
+
+  c = tiny_experiment("rl")
+  c.rl.group_size, c.rl.max_new_tokens = 4, 4
+  c.reward.components = (("reward_model", 1.0), ("format", 0.5))
+  c.reward.reward_model_path = str(rm_dir)
+  rows = run_experiment(c, tmp_path / "rl")
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    # total = 1.0 · RM score + 0.5 · format; worst_case: the RM score is min over 2 heads.
+    assert r["reward/mean"] == pytest.approx(r["reward/reward_model"] + 0.5 * r["reward/format"],
+                                             abs=1e-5)
+    assert r["reward/reward_model"] <= r["reward/rm_mean"] and r["reward/rm_std"] > 0
+  assert rows[0]["grad/global_norm"] > 0  # RM scores are continuous: the policy gets a gradient
+
+  # The restored model: the run's heads and aggregation, its last params, on this mesh.
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  from jaxrl_llm import config as config_lib
+  from jaxrl_llm import trainer
+  cfg = config_lib.from_configdict(c)
+  rm = trainer.restore_reward_model(cfg, TOK, mesh)
+  assert (rm.num_heads, rm.aggregation, rm.step) == (2, "worst_case", 2)
+  assert rm.params["head"].shape == (rm.model.hidden_size, 2)
+  saved = Checkpointer(str(rm_dir), create=False).restore_params(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), rm.params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved), jax.device_get(rm.params))
+
+  restore = functools.partial(rmm.restore_reward_model, mesh=mesh,
+                              model_config_fn=lambda spec: rm.model)
+  with pytest.raises(ValueError, match="kind='rl' run, not a reward model"):
+    restore(str(tmp_path / "rl"))
+  with pytest.raises(FileNotFoundError, match="reward_model_path"):
+    restore(str(tmp_path / "nowhere"))
+  with pytest.raises(ValueError, match="same tokenizer"):
+    restore(str(rm_dir), tokenizer="/other/tokenizer")
+
+
+def test_reward_model_component_and_model_must_come_together():
+  from jaxrl_llm import config as config_lib
+  from jaxrl_llm.rewards import registry
+  rm_fn = rmm.reward_model_fn(CFG, 2)
+  with pytest.raises(ValueError, match="reward_model_path"):
+    registry.build_reward_fn((("reward_model", 1.0),), TOK)
+  with pytest.raises(ValueError, match="does not name 'reward_model'"):
+    registry.build_reward_fn((("correct", 1.0),), TOK, reward_model=rm_fn)
+  c = tiny_experiment("rl")
+  c.reward.components = (("reward_model", 1.0),)
+  with pytest.raises(ValueError, match="reward_model_path is empty"):
+    config_lib.from_configdict(c)
+  c.reward.reward_model_path = "/some/rm"
+  c.trainer.split_mode = True
+  with pytest.raises(ValueError, match="split_mode=False"):
+    config_lib.from_configdict(c)
+  c.reward.components = (("correct", 1.0),)
+  with pytest.raises(ValueError, match="does not use it"):
+    config_lib.from_configdict(c)
+
+
+def test_reward_model_component_adds_its_weighted_score_to_the_verifiers():
+  from jaxrl_llm.rewards import registry
+  params = init_fn(2)(jax.random.key(4))
+  exs = preference_examples(tasks.generate("arithmetic", "train", 4, 0, **OPTS), 0)
+  b = pipeline.make_batch(exs, PREF_DATA, tokenizer=TOK)
+  inputs = RewardInputs(b["prompt_tokens"], b["prompt_mask"], b["chosen_tokens"],
+                        b["chosen_mask"], np.ones((4,), bool), {})
+  fn = registry.build_reward_fn((("format", 0.5), ("reward_model", 2.0)), TOK,
+                                reward_model=rmm.reward_model_fn(CFG, 2, with_members=True))
+  total, comps = jax.jit(fn)(inputs, params)
+  scores = rmm.reward_scores(CFG, params, b["prompt_tokens"], b["prompt_mask"],
+                             b["chosen_tokens"], b["chosen_mask"])
+  np.testing.assert_allclose(comps["reward_model"], scores.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(total, 0.5 * comps["format"] + 2.0 * scores.mean(0), rtol=1e-5,
+                             atol=1e-6)
+  assert comps["rm_members_BK"].shape == (4, 2)

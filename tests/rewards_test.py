@@ -5,18 +5,22 @@ formula written next to them), independently of the implementation.
 """
 
 import functools
+import json
 import math
+import pathlib
 import time
 import types
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_llm import rewards
-from jaxrl_llm.rewards import base, host, registry, shaping, verifiers
-from jaxrl_llm.rl import advantages
+from jaxrl_llm import config, rewards, tokenizers
+from jaxrl_llm.data import tasks
+from jaxrl_llm.rewards import answers, base, host, registry, shaping, verifiers
+from jaxrl_llm.rl import advantages, rl_step
 
 # A toy vocabulary: pad 0, eos 2, digits '0'..'9' are ids 10..19, '-' is 20,
 # letters 'a'.. are 30...
@@ -708,3 +712,238 @@ def test_host_reward_in_graph_under_jit():
   np.testing.assert_array_equal(parts["host"], [1.0, 1.0, 0.0])
   np.testing.assert_allclose(total, [1.5, 1.5, 0.5])
   assert reward.stats["calls"] == 3
+
+
+# --------------------------------------------------------------------------
+# math_reward, and split mode (host_scorer) == one-jit mode for every component
+# --------------------------------------------------------------------------
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+BUILTIN = tokenizers.load_tokenizer("builtin")
+
+
+def _fixture(name, split):
+  with open(FIXTURES / name / f"{split}.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_math_reward_gsm8k_rationales_score_their_own_gold(split):
+  for row in _fixture("gsm8k", split):
+    assert host.math_reward(row["answer"], row) == 1.0
+    gold = answers.gold_answer(row["answer"])
+    assert host.math_reward(f"The answer is {gold}.", row) == 1.0
+    wrong = str(Fraction(gold) + 1)  # every GSM8K fixture answer is a plain number
+    assert host.math_reward(f"#### {wrong}", row) == 0.0
+    assert host.math_reward(f"The answer is {wrong}.", row) == 0.0
+
+
+def test_math_reward_gsm8k_forms():
+  row = _fixture("gsm8k", "train")[1]  # "... #### 1,284"
+  assert host.math_reward("#### 1284", row) == 1.0
+  assert host.math_reward("\\boxed{1,284}", row) == 1.0
+  assert host.math_reward("The final answer is $1,284$.", row) == 1.0
+  assert host.math_reward("so 1284 pencils", row) == 0.0  # no stated answer
+  assert host.math_reward("so 1284 pencils", row, last_number_fallback=True) == 1.0
+  negative, decimal = _fixture("gsm8k", "train")[2], _fixture("gsm8k", "train")[3]
+  assert host.math_reward("it is -5 degrees\n#### -5", negative) == 1.0
+  assert host.math_reward("#### 5", negative) == 0.0
+  assert host.math_reward("the answer is 8.750", decimal) == 1.0
+  assert host.math_reward("the answer is 35/4", decimal) == 1.0  # exact rational equality
+  assert host.math_reward("the answer is 8.7", decimal) == 0.0
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_math_reward_math_fixture(split):
+  for row in _fixture("math", split):
+    assert host.math_reward(row["solution"], row) == 1.0
+    assert host.math_reward("\\boxed{" + row["answer"] + "}", row) == 1.0
+    assert host.math_reward("\\boxed{" + row["answer"] + "+1}", row) == 0.0
+
+
+def test_math_reward_equivalent_forms():
+  half = _fixture("math", "train")[0]  # answer \frac{1}{2}
+  assert host.math_reward("\\boxed{0.5}", half) == 1.0
+  assert host.math_reward("The answer is 1/2.", half) == 1.0
+  assert host.math_reward("\\boxed{\\dfrac{2}{4}}", half) == 1.0
+  assert host.math_reward("\\boxed{0.55}", half) == 0.0
+  # The solution itself as the reference field: its last box is the gold answer.
+  assert host.math_reward("\\boxed{0.5}", {"answer": half["solution"]}) == 1.0
+  root = _fixture("math", "test")[2]  # \frac{\sqrt{2}}{2}, nested braces
+  assert host.math_reward("\\boxed{\\frac{1}{\\sqrt{2}}}", root) == 1.0  # symbolic (sympy)
+  assert host.math_reward("no answer stated", root) == 0.0
+
+
+def test_math_reward_errors_name_the_problem():
+  row = _fixture("math", "train")[0]
+  no_answer = {k: v for k, v in row.items() if k != "answer"}
+  with pytest.raises(ValueError, match=r"'answer' field.*\['level', 'problem', 'solution'"):
+    host.math_reward("\\boxed{1}", no_answer)
+  with pytest.raises(ValueError, match="no final answer"):
+    host.math_reward("\\boxed{1}", {"answer": "work\n#### "})
+
+
+def _pad_rows(rows, width, pad):
+  tokens = np.full((len(rows), width), pad, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+  return tokens, mask
+
+
+def _rollout(tok, examples, completions, prompt_ids, finished):
+  """A fetched rollout dict as `RLStep.rollout` makes it (B rows, NumPy).
+
+  A finished completion ends with EOS (in the mask); an unfinished one is cut
+  at L = 24 tokens without EOS, as the sampler leaves a truncated completion.
+  """
+  length = 24
+  prompts, prompt_mask = _pad_rows([tok.encode(examples[i]["prompt"]) for i in prompt_ids], 16,
+                                   tok.pad_id)
+  answer_rows = [tok.encode(str(examples[i].get("answer", ""))[:10]) + [tok.eos_id]
+                 for i in prompt_ids]
+  answer_tokens, answer_mask = _pad_rows(answer_rows, 11, tok.pad_id)
+  rows = [(tok.encode(text) + [tok.eos_id])[:length] if fin else tok.encode(text)[:length]
+          for text, fin in zip(completions, finished)]
+  completion, completion_mask = _pad_rows(rows, length, tok.pad_id)
+  return {"prompt_tokens": prompts, "prompt_mask": prompt_mask,
+          "prompt_id": np.asarray(prompt_ids, np.int32),
+          "answer_tokens": answer_tokens, "answer_mask": answer_mask,
+          "completion": completion, "completion_mask": completion_mask,
+          "finished": np.asarray(finished, bool),
+          "sampler_logp": np.zeros(completion.shape, np.float32),
+          "lengths": completion_mask.sum(1).astype(np.int32)}
+
+
+def _one_jit_rewards(components, tok, examples, ro, **kwargs):
+  """The one-jit step's rewards: build_reward_fn under jit on `RLStep.reward_inputs(ro)`."""
+  fn = registry.build_reward_fn(components, tok, examples=examples, **kwargs)
+  # reward_inputs reads self.rl only for the ReMax baseline.
+  inputs = rl_step.RLStep.reward_inputs(types.SimpleNamespace(rl=None),
+                                        {k: jnp.asarray(v) for k, v in ro.items()})
+  total, parts = jax.jit(fn)(inputs)
+  return np.asarray(total), {k: np.asarray(v) for k, v in parts.items()}
+
+
+def _assert_split_equals_one_jit(components, tok, examples, ro, **kwargs):
+  total, parts = _one_jit_rewards(components, tok, examples, ro, **kwargs)
+  split_total, split_parts = registry.host_scorer(components, tok, examples, **kwargs)(ro)
+  assert list(split_parts) == [name for name, _ in components]
+  for name in split_parts:
+    np.testing.assert_array_equal(split_parts[name], parts[name], err_msg=name)
+  np.testing.assert_array_equal(split_total, total)
+  assert split_total.dtype == np.float32
+  return split_total, split_parts
+
+
+def test_host_scorer_equals_in_graph_on_a_file_dataset_without_task():
+  # Rows as a JSONL file gives them: no "task" key (the old split scorer raised KeyError).
+  examples = [{"prompt": ex["prompt"], "answer": ex["answer"]}
+              for ex in tasks.generate("arithmetic", "train", 3, seed=0)]
+  assert [ex["answer"] for ex in examples] == ["707", "1", "28"]
+  completions = ["707", "708", "1", "abc", "28", "28", "", "-1"]
+  prompt_ids = [0, 0, 1, 1, 2, 2, 2, 1]
+  finished = [True, True, True, True, True, False, True, True]
+  ro = _rollout(BUILTIN, examples, completions, prompt_ids, finished)
+  components = (("correct", 1.0), ("format", 0.25), ("answer_id", 0.0))
+  total, parts = _assert_split_equals_one_jit(components, BUILTIN, examples, ro)
+  # correct: finished and equal to the answer; format: finished, non-empty, digits and '-'.
+  np.testing.assert_array_equal(parts["correct"], [1, 0, 1, 0, 1, 0, 0, 0])
+  np.testing.assert_array_equal(parts["format"], [1, 1, 1, 0, 1, 0, 0, 1])
+  np.testing.assert_allclose(total, [1.25, 0.25, 1.25, 0, 1.25, 0, 0, 0.25])
+  assert parts["answer_id"].dtype == np.int32
+  assert parts["answer_id"][4] != parts["answer_id"][5]  # "28" + EOS vs truncated "28"
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_host_scorer_equals_in_graph_math_on_gsm8k(fallback):
+  examples = [dict(row, prompt=f"q{i}") for i, row in enumerate(_fixture("gsm8k", "train"))]
+  # Text the builtin tokenizer spells (lowercase letters, digits, '-', spaces).
+  completions = ["the answer is 15", "the answer is 16", "so 1284", "the answer is 1284",
+                 "it is -5", "the answer is -5", "many words",
+                 "the answer is 144 and then it goes on"]
+  prompt_ids = [0, 0, 1, 1, 2, 2, 3, 5]
+  finished = [True, True, True, True, True, True, True, False]
+  ro = _rollout(BUILTIN, examples, completions, prompt_ids, finished)
+  components = (("math", 1.0), ("answer_id", 0.0))
+  _, parts = _assert_split_equals_one_jit(components, BUILTIN, examples, ro,
+                                          math_last_number_fallback=fallback)
+  # math reads the text only: the truncated "the answer is 144 and th" states 144 (the RL
+  # step's overlong shaping, not the reward, handles truncation).
+  want = [1, 0, fallback, 1, fallback, 1, 0, 1]
+  np.testing.assert_array_equal(parts["math"], np.asarray(want, np.float32))
+  # The math component on token arrays is math_reward on the decoded completions.
+  texts = BUILTIN.decode_batch([row[m != 0] for row, m in
+                                zip(ro["completion"], ro["completion_mask"])])
+  by_text = [host.math_reward(t, examples[i], last_number_fallback=fallback)
+             for t, i in zip(texts, prompt_ids)]
+  np.testing.assert_array_equal(parts["math"], np.asarray(by_text, np.float32))
+
+
+def test_host_scorer_equals_in_graph_countdown():
+  examples = tasks.generate("countdown", "train", 2, seed=0)
+  assert [(ex["numbers"], ex["target"]) for ex in examples] == [([11, 13, 18], 42),
+                                                                ([11, 12, 13], 14)]
+  completions = ["13+11+18", "18+13+11", "13+11", "12-11+13", "11*12", "(13-12)+13"]
+  ro = _rollout(BUILTIN, examples, completions, [0, 0, 0, 1, 1, 1], [True] * 6)
+  components = (("countdown", 1.0), ("format", 0.5))
+  _, parts = _assert_split_equals_one_jit(components, BUILTIN, examples, ro)
+  np.testing.assert_array_equal(parts["countdown"], [1, 1, 0, 1, 0, 0])
+
+
+def test_host_components_refuse_unusable_examples_up_front():
+  math_rows = _fixture("math", "train")
+  broken = math_rows[:3] + [{"problem": "p", "solution": "s"}]
+  for build in (lambda: registry.build_reward_fn((("math", 1.0),), BUILTIN, examples=broken),
+                lambda: registry.host_scorer((("math", 1.0),), BUILTIN, broken)):
+    with pytest.raises(ValueError, match=r"'math': training example 3: .*\['problem', 'sol"):
+      build()
+  with pytest.raises(ValueError, match="'countdown': training example 0: .*'numbers'"):
+    registry.host_scorer((("countdown", 1.0),), BUILTIN, math_rows)
+  with pytest.raises(ValueError, match="needs the training examples"):
+    registry.build_reward_fn((("math", 1.0),), BUILTIN)
+
+
+def test_math_last_number_fallback_reaches_the_reward_from_a_config():
+  c = config.default_configdict(kind="rl")
+  c.reward.components = (("math", 1.0),)
+  c.reward.math_last_number_fallback = True
+  cfg = config.from_configdict(c)
+  assert cfg.reward.math_last_number_fallback is True
+  examples = [{"prompt": "q", "answer": "#### 12"}]
+  ro = _rollout(BUILTIN, examples, ["so 12", "so 13"], [0, 0], [True, True])
+  score = registry.host_scorer(cfg.reward.components, BUILTIN, examples,
+                               math_last_number_fallback=cfg.reward.math_last_number_fallback)
+  np.testing.assert_array_equal(score(ro)[1]["math"], [1.0, 0.0])
+  with pytest.raises(ValueError, match="math_last_number_fallback"):
+    config.RewardSpec(math_last_number_fallback="yes")
+
+
+def test_host_scorer_refuses_the_reward_model_component():
+  with pytest.raises(ValueError, match="one-jit RL step only.*split_mode=False"):
+    registry.host_scorer((("reward_model", 1.0),), BUILTIN, [])
+
+
+def test_host_reward_in_graph_large_batch_on_8_cpu_devices():
+  """Operands over 64 KiB used to deadlock XLA:CPU across devices; they go in chunks."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("d",))
+  B, L = 64, 1024                      # completions: 256 KiB of int32
+  rng = np.random.default_rng(0)
+  comp = rng.integers(3, 20, size=(B, L)).astype(np.int32)
+  mask = (np.arange(L)[None] < rng.integers(1, L, size=(B, 1))).astype(np.int32)
+  reward = host.HostReward(lambda p, c, ex: float(len(c)), lambda ids: "x" * len(ids))
+  inputs = base.RewardInputs(
+      prompt_tokens_BP=np.ones((B, 4), np.int32), prompt_mask_BP=np.ones((B, 4), np.int32),
+      completion_BL=comp, completion_mask_BL=mask, finished_B=np.ones((B,), bool), task={})
+  sharded = jax.device_put(inputs, NamedSharding(mesh, P("d")))
+
+  @jax.jit
+  def total(inputs):
+    r_B = reward.in_graph(inputs)
+    return jnp.sum(r_B * jnp.sum(inputs.completion_mask_BL, axis=1)), r_B
+
+  s, r_B = total(sharded)
+  np.testing.assert_array_equal(np.asarray(r_B), mask.sum(axis=1).astype(np.float32))
+  assert float(s) == pytest.approx(float(np.sum(mask.sum(axis=1) ** 2)), rel=1e-6)

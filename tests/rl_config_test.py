@@ -15,7 +15,7 @@ from jaxrl_llm import optim, sharding, testing
 from jaxrl_llm.rl import advantages, policy_losses
 from jaxrl_llm.rl import config as rl_config
 from jaxrl_llm.rl import rl_step as rls
-from jaxrl_llm.train_state import create_train_state
+from jaxrl_llm.train_state import TrainState, create_train_state
 
 
 @pytest.fixture
@@ -209,3 +209,46 @@ def test_copo_in_the_jitted_step_uses_answer_ids(registry):
   np.testing.assert_allclose(m["loss/policy"], -np.mean(want_B), rtol=1e-5)
   assert abs(np.mean(want_B) - np.mean(without_answers_B)) > 1e-2  # the ids were used
   assert "reward/answer_id" not in m and "reward/correct" in m  # a label is not logged
+
+
+# ---------------------------------------------------------------------------
+# DAPO's soft overlong punishment in the preset
+# ---------------------------------------------------------------------------
+def test_dapo_preset_derives_the_overlong_cache_from_max_new_tokens():
+  # DAPO: L_max = 20480 generated tokens, the last L_c = 4096 of them the soft cache.
+  assert rl_config.PRESETS["dapo"]["overlong_cache_fraction"] == pytest.approx(0.2)
+  assert rl_config.from_preset("dapo", max_new_tokens=20480).overlong_cache_tokens == 4096
+  # L_c = ⌊0.2 · L_max⌋: 512 -> 102, 64 -> 12, 16 -> 3; under 5 tokens it is 0 (no shaping).
+  for max_new, cache in ((512, 102), (64, 12), (16, 3), (5, 1), (4, 0)):
+    assert rl_config.from_preset("dapo", max_new_tokens=max_new).overlong_cache_tokens == cache
+  # An explicit length wins over the fraction; presets without it shape nothing.
+  assert rl_config.from_preset("dapo", max_new_tokens=512,
+                               overlong_cache_len=128).overlong_cache_tokens == 128
+  assert rl_config.from_preset("grpo", max_new_tokens=512).overlong_cache_tokens == 0
+  with pytest.raises(ValueError, match="overlong_cache_fraction"):
+    rl_config.RLConfig(overlong_cache_fraction=1.0)
+
+
+def test_dapo_preset_cache_follows_a_later_max_new_tokens_in_a_config_file():
+  """The preset stores the fraction, so the cache tracks max_new_tokens set after it."""
+  c = config_lib.default_configdict(rl_preset="dapo")
+  c.rl.max_new_tokens = 40
+  cfg = config_lib.from_configdict(c)
+  assert cfg.rl.overlong_cache_len == 0 and cfg.rl.overlong_cache_tokens == 8
+  again = config_lib.from_dict(config_lib.ExperimentConfig,
+                               json.loads(json.dumps(config_lib.to_dict(cfg))))
+  assert again.rl == cfg.rl  # the checkpoint's config snapshot gives the same config back
+
+
+def test_the_step_applies_the_derived_overlong_penalty():
+  rl = rl_config.from_preset("dapo", group_size=4, max_new_tokens=10)  # L_c = 2
+  step = rls.RLStep(testing.tiny_config("qwen3"), rl, optim.make_optimizer(optim.OptimConfig()),
+                    lambda inputs: None, eos_id=2)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state={}, extra={})
+  lengths = jnp.array([5, 8, 9, 10], jnp.int32)
+  rewards = jnp.ones((4,), jnp.float32)
+  ro = {"lengths": lengths, "completion": jnp.zeros((4, 10), jnp.int32),
+        "completion_mask": jnp.ones((4, 10), jnp.int32)}
+  shaped, _, _ = step.shape_rewards(state, ro, rewards, {"correct": rewards})
+  # R_len = 0 for |y| ≤ L − L_c = 8, (8 − |y|)/2 above: [0, 0, −0.5, −1].
+  np.testing.assert_allclose(shaped, [1.0, 1.0, 0.5, 0.0])

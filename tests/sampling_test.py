@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_llm import testing
+from jaxrl_llm import sampling, testing
 from jaxrl_llm.models import forward
 from jaxrl_llm.sampling import process_logits, sample
 
@@ -105,3 +105,173 @@ def test_prompt_longer_than_cache_is_a_clear_error():
     sample(CFG, PARAMS, toks, mask, jax.random.key(0), max_new_tokens=8, cache_size=10)
   with pytest.raises(ValueError, match="temperature"):
     sample(CFG, PARAMS, toks, mask, jax.random.key(0), max_new_tokens=2, temperature=0.0)
+
+
+# ---------------------------------------------------------------------------
+# The rollout engine: shared-prefix prefill, compaction, budget, processors.
+# ---------------------------------------------------------------------------
+_ENGINE_STATIC = ("max_new_tokens", "greedy", "temperature", "stop_tokens", "group_size",
+                  "compaction_min_rows", "logits_processor", "top_k")
+
+
+@functools.partial(jax.jit, static_argnames=_ENGINE_STATIC)
+def _engine(params, toks, mask, rng, max_len=None, **kw):
+  return sample(CFG, params, toks, mask, rng, max_len=max_len, **kw)
+
+
+def _assert_same_samples(a, b, atol=1e-5):
+  np.testing.assert_array_equal(a.tokens_BL, b.tokens_BL)
+  np.testing.assert_array_equal(a.lengths_B, b.lengths_B)
+  np.testing.assert_array_equal(a.finished_B, b.finished_B)
+  np.testing.assert_array_equal(a.mask_BL, b.mask_BL)
+  np.testing.assert_allclose(a.logprobs_BL, b.logprobs_BL, atol=atol)
+
+
+# Lengths 1..8 over 8 rows (row i stops after LENGTHS[i] tokens): rows finish one
+# by one, so every compaction bucket (8, 4, 2, 1 rows) runs.
+LENGTHS = np.array([3, 1, 8, 2, 6, 4, 7, 5], np.int32)
+EOS_ID = 1
+
+
+def test_group_size_prefills_once_and_equals_repeated_prompts():
+  toks, mask = _prompts()
+  kw = dict(max_new_tokens=6, stop_tokens=(5,))
+  shared = _engine(PARAMS, toks, mask, jax.random.key(7), group_size=3, **kw)
+  plain = _engine(PARAMS, jnp.repeat(toks, 3, 0), jnp.repeat(mask, 3, 0), jax.random.key(7),
+                  **kw)
+  assert shared.tokens_BL.shape == (6, 6)
+  _assert_same_samples(shared, plain)
+  # The G samples of one prompt differ from each other (per-row keys).
+  assert not np.array_equal(shared.tokens_BL[0], shared.tokens_BL[1])
+
+
+def test_force_lengths_is_exact_and_truncates_past_the_budget():
+  toks, mask = _prompts()
+  lengths = np.array([1, 4, 6, 9], np.int32)  # 9 > budget 6: truncated
+  out = _engine(PARAMS, jnp.repeat(toks, 2, 0), jnp.repeat(mask, 2, 0), jax.random.key(0),
+                max_new_tokens=6, stop_tokens=(EOS_ID,),
+                logits_processor=sampling.force_lengths(lengths, EOS_ID))
+  np.testing.assert_array_equal(out.lengths_B, [1, 4, 6, 6])
+  np.testing.assert_array_equal(out.finished_B, [True, True, True, False])
+  tokens = np.asarray(out.tokens_BL)
+  for i, n in enumerate([1, 4, 6, 6]):
+    eos_at = np.nonzero(tokens[i, :n] == EOS_ID)[0].tolist()
+    assert eos_at == ([n - 1] if lengths[i] <= 6 else []), (i, tokens[i])
+    assert np.all(tokens[i, n:] == 0)
+    if lengths[i] <= 6:
+      assert float(out.logprobs_BL[i, n - 1]) == 0.0  # forced: probability 1
+  assert np.all(np.asarray(out.logprobs_BL)[:, :3][[1, 2, 3]] < 0)  # free tokens: p < 1
+
+
+def test_banned_tokens_are_never_sampled():
+  toks, mask = _prompts()
+  rows_t, rows_m = jnp.repeat(toks, 16, 0), jnp.repeat(mask, 16, 0)
+  kw = dict(max_new_tokens=8, temperature=3.0)  # flat distribution: every id is drawn
+  free = np.asarray(_engine(PARAMS, rows_t, rows_m, jax.random.key(1), **kw).tokens_BL)
+  banned = tuple(int(t) for t in np.unique(free)[:40])  # ids that do occur without the ban
+  out = _engine(PARAMS, rows_t, rows_m, jax.random.key(1),
+                logits_processor=sampling.ban_tokens(banned), **kw)
+  assert not np.isin(np.asarray(out.tokens_BL), banned).any()
+  assert len(np.unique(np.asarray(out.tokens_BL))) > 20
+
+
+def test_min_new_tokens_and_forced_prefix():
+  toks, mask = _prompts()
+  rows_t, rows_m = jnp.repeat(toks, 8, 0), jnp.repeat(mask, 8, 0)
+  free = np.asarray(_engine(PARAMS, rows_t, rows_m, jax.random.key(2), max_new_tokens=8,
+                            temperature=2.0).tokens_BL)
+  stop = int(np.bincount(free[:, :3].ravel()).argmax())  # a stop id drawn early
+  kw = dict(max_new_tokens=8, temperature=2.0, stop_tokens=(stop,))
+  early = _engine(PARAMS, rows_t, rows_m, jax.random.key(2), **kw)
+  assert int(jnp.min(early.lengths_B)) <= 3
+  late = _engine(PARAMS, rows_t, rows_m, jax.random.key(2),
+                 logits_processor=sampling.min_new_tokens(5, (stop,)), **kw)
+  assert int(jnp.min(late.lengths_B)) >= 5
+  assert not np.isin(np.asarray(late.tokens_BL)[:, :5], [stop]).any()
+  prefix = (9, 10, 11)
+  forced = _engine(PARAMS, rows_t, rows_m, jax.random.key(2),
+                   logits_processor=sampling.chain(sampling.force_prefix(prefix), None), **kw)
+  np.testing.assert_array_equal(forced.tokens_BL[:, :3], np.tile(prefix, (16, 1)))
+  np.testing.assert_array_equal(forced.logprobs_BL[:, :3], 0.0)
+
+
+def _no_repeat(logits_BV, ctx):
+  """Bans each row's previous token: reads ctx.tokens_BL and ctx.step."""
+  prev_B = ctx.tokens_BL[:, jnp.maximum(ctx.step - 1, 0)]
+  ban_BV = (jnp.arange(logits_BV.shape[-1])[None, :] == prev_B[:, None]) & (ctx.step > 0)
+  return jnp.where(ban_BV, -1e30, logits_BV)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_compaction_equals_full_batch_decode(greedy):
+  toks, mask = _prompts()
+  proc = sampling.chain(sampling.force_lengths(LENGTHS, EOS_ID), _no_repeat)
+  kw = dict(max_new_tokens=8, stop_tokens=(EOS_ID,), group_size=4, greedy=greedy,
+            logits_processor=proc)
+  full = _engine(PARAMS, toks, mask, jax.random.key(4), **kw)
+  compact = _engine(PARAMS, toks, mask, jax.random.key(4), compaction_min_rows=1, **kw)
+  _assert_same_samples(full, compact)
+  np.testing.assert_array_equal(full.lengths_B, LENGTHS)
+  # Buckets 8, 4, 2, 1: 8 rows until 4 are done (step 4), 4 until 6 are done
+  # (step 6), 2 until 7 are done (step 7), then the last row alone.
+  np.testing.assert_array_equal(compact.bucket_steps, [4, 2, 1, 1])
+  np.testing.assert_array_equal(full.bucket_steps, [8])
+  tokens = np.asarray(compact.tokens_BL)
+  for i, n in enumerate(LENGTHS):  # the processor saw each row's own history
+    assert np.all(tokens[i, 1:n] != tokens[i, :n - 1])
+
+
+def test_budget_stops_decoding_and_equals_the_cut_full_decode():
+  toks, mask = _prompts()
+  kw = dict(max_new_tokens=8, stop_tokens=(EOS_ID,), group_size=4,
+            logits_processor=sampling.force_lengths(LENGTHS, EOS_ID))
+  full = _engine(PARAMS, toks, mask, jax.random.key(5), **kw)
+  for budget in (3, 6):
+    cut = _engine(PARAMS, toks, mask, jax.random.key(5), max_len=jnp.int32(budget),
+                  compaction_min_rows=2, **kw)
+    expect_len = np.minimum(LENGTHS, budget)
+    np.testing.assert_array_equal(cut.lengths_B, expect_len)
+    np.testing.assert_array_equal(cut.finished_B, LENGTHS <= budget)
+    keep = np.arange(8)[None, :] < expect_len[:, None]
+    np.testing.assert_array_equal(cut.tokens_BL, np.where(keep, full.tokens_BL, 0))
+    np.testing.assert_allclose(cut.logprobs_BL, np.where(keep, full.logprobs_BL, 0), atol=1e-5)
+    assert int(jnp.sum(cut.bucket_steps)) == budget  # no decode step past the budget
+
+
+def test_sharded_engine_equals_one_device():
+  from jaxrl_llm import sharding
+  from jaxrl_llm.train_state import param_shardings
+  toks, mask = _prompts()
+  toks, mask = jnp.tile(toks, (2, 1)), jnp.tile(mask, (2, 1))  # 4 prompts x G=4 = 16 rows
+  lengths = np.concatenate([LENGTHS, LENGTHS[::-1]])
+  kw = dict(max_new_tokens=8, stop_tokens=(EOS_ID,), group_size=4, compaction_min_rows=4,
+            logits_processor=sampling.force_lengths(lengths, EOS_ID))
+  one = _engine(PARAMS, toks, mask, jax.random.key(6), **kw)
+  mesh = sharding.make_mesh(sharding.MeshConfig((2, 2, 2)))
+  params = jax.device_put(PARAMS, param_shardings(CFG, mesh))
+
+  def run(p, t, m, key):
+    with sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
+      return sample(CFG, p, t, m, key, **kw)
+  sharded = jax.jit(run)(params, sharding.shard_batch(np.asarray(toks), mesh),
+                         sharding.shard_batch(np.asarray(mask), mesh), jax.random.key(6))
+  _assert_same_samples(jax.device_get(sharded), one, atol=1e-4)
+  np.testing.assert_array_equal(one.bucket_steps, [4, 2, 2])  # 16, 8 then 4 rows
+
+
+def test_engine_argument_errors():
+  toks, mask = _prompts()
+  with pytest.raises(ValueError, match="group_size"):
+    sample(CFG, PARAMS, toks, mask, jax.random.key(0), max_new_tokens=2, group_size=0)
+  with pytest.raises(ValueError, match="compaction_min_rows"):
+    sample(CFG, PARAMS, toks, mask, jax.random.key(0), max_new_tokens=2, compaction_min_rows=-1)
+  with pytest.raises(ValueError, match="max_len"):
+    sample(CFG, PARAMS, toks, mask, jax.random.key(0), max_new_tokens=2, max_len=3)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    sample(CFG, PARAMS, toks, mask, jax.random.key(0), max_new_tokens=2,
+           logits_processor=sampling.ban_tokens([CFG.vocab_size]))
+  with pytest.raises(ValueError, match=">= 0"):
+    sampling.ban_tokens([-1])
+  assert sampling.bucket_sizes(512, 64) == (512, 256, 128, 64)
+  assert sampling.bucket_sizes(24, 4) == (24, 12, 6)
+  assert sampling.bucket_sizes(512, 0) == (512,)

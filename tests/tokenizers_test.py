@@ -290,3 +290,79 @@ def test_hf_missing_library_names_the_extra(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` fail
   with pytest.raises(ImportError, match=r"pip install jaxrl_llm\[hf\]"):
     tok_lib.HFTokenizer(directory)
+
+
+# ---------------------------------------------------------------------------
+# The tiny chat tokenizer fixture (scripts/make_tiny_chat_tokenizer.py)
+# ---------------------------------------------------------------------------
+
+_CHAT_FIXTURE = _REPO / "tests" / "fixtures" / "tiny_chat_tokenizer"
+
+
+def _load_script(name):
+  spec = importlib.util.spec_from_file_location(name, _REPO / "scripts" / f"{name}.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  return script
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+  pytest.importorskip("tokenizers")
+  pytest.importorskip("jinja2")
+  return tok_lib.load_tokenizer(_CHAT_FIXTURE)
+
+
+def test_tiny_chat_fixture_special_tokens(chat_tok):
+  assert isinstance(chat_tok, tok_lib.HFTokenizer)
+  assert chat_tok.vocab_size < 512
+  assert chat_tok.bos_id is None and chat_tok.bos_token is None
+  assert (chat_tok.eos_token, chat_tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+  assert (chat_tok.pad_id, chat_tok.eos_id) == (0, 2)
+  assert chat_tok.token_to_id("<|im_start|>") == 1
+  assert chat_tok.encode("<|im_start|>user\n")[0] == 1
+
+
+def test_tiny_chat_fixture_round_trips_math_text(chat_tok):
+  texts = [string.printable, "caf\u00e9 costs \u20ac5 \u2014 \u03c0 \u2248 3.14"]
+  for name in ("gsm8k", "math"):
+    for line in (_REPO / "tests" / "fixtures" / name / "train.jsonl").read_text().splitlines():
+      if line.strip():
+        texts.extend(v for v in json.loads(line).values() if isinstance(v, str))
+  assert len(texts) > 10
+  for text in texts:
+    assert chat_tok.decode(chat_tok.encode(text)) == text, text
+
+
+def test_tiny_chat_fixture_chat_template(chat_tok):
+  messages = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": "What is 2+2?"}]
+  assert chat_tok.apply_chat_template(messages) == (
+      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+      "<|im_start|>assistant\n")
+  assert chat_tok.apply_chat_template(messages[1:], add_generation_prompt=False) == (
+      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+      "What is 2+2?<|im_end|>\n")
+  reply = messages + [{"role": "assistant", "content": "4"}]
+  assert chat_tok.apply_chat_template(reply, add_generation_prompt=False).endswith(
+      "<|im_start|>assistant\n4<|im_end|>\n")
+
+
+def test_tiny_chat_fixture_matches_transformers(chat_tok):
+  transformers = pytest.importorskip("transformers")
+  theirs = transformers.AutoTokenizer.from_pretrained(str(_CHAT_FIXTURE))
+  for messages in ([{"role": "user", "content": "Natalia sold 48 clips. #### 48"}],
+                   [{"role": "system", "content": "Think."},
+                    {"role": "user", "content": "$\\boxed{2}$"}]):
+    text = chat_tok.apply_chat_template(messages)
+    assert theirs.apply_chat_template(messages, tokenize=False,
+                                      add_generation_prompt=True) == text
+    assert theirs(text, add_special_tokens=False)["input_ids"] == chat_tok.encode(text)
+  assert (theirs.eos_token_id, theirs.pad_token_id, theirs.bos_token) == (2, 0, None)
+
+
+def test_tiny_chat_fixture_matches_the_script(tmp_path):
+  pytest.importorskip("tokenizers")
+  _load_script("make_tiny_chat_tokenizer").main(["--output", str(tmp_path)])
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    assert (tmp_path / name).read_bytes() == (_CHAT_FIXTURE / name).read_bytes(), name

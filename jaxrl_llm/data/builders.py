@@ -15,10 +15,27 @@ changes no global state; build them by class):
   ArithmeticTask        jaxrl_arithmetic   prompt, answer
   CountdownTask         jaxrl_countdown    prompt, answer, numbers, target
   PreferenceArithmetic  jaxrl_preference_arithmetic   prompt, chosen, rejected
-  LocalFile             jaxrl_local_file   JSONL / Parquet, by `kind`:
+  LocalFile             jaxrl_local_file   JSONL / Parquet / Arrow, by `kind`:
                           "prompt"      prompt, answer
                           "preference"  prompt, chosen, rejected
                           "unpaired"    prompt, completion, label (bool)
+
+Hugging Face `datasets` saved to disk (sources "hf_disk",
+"preference_hf_disk", "unpaired_hf_disk") are read with pyarrow alone; the
+`datasets` package is not needed, and nothing is downloaded. Accepted layouts:
+
+  DatasetDict.save_to_disk(d)   d/dataset_dict.json ({"splits": [...]}) and one
+                                directory per split (below)
+  Dataset.save_to_disk(d)       d/data-00000-of-0000n.arrow ... (Arrow IPC
+                                stream files), d/state.json, d/dataset_info.json;
+                                the shards are read in state.json's
+                                "_data_files" order (else sorted by name)
+  a plain .arrow file           IPC stream, or IPC file format
+
+`path` names the DatasetDict directory (split s is d/s), a pattern with
+"{split}" (each split a saved Dataset directory or an .arrow file), a
+directory holding "<split>.arrow" files or "<split>/" Dataset directories, or
+one saved Dataset / one .arrow file, which is the "train" split.
 
 The config name is derived from the config's content (sizes, seed and task
 options; for local files a hash of the file bytes and the field map), so a new
@@ -73,7 +90,7 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired": ("prompt", "completion", "label"),
 }
-FILE_FORMATS = ("jsonl", "parquet")
+FILE_FORMATS = ("jsonl", "parquet", "arrow")
 # Keyword arguments of `tasks.generate` accepted next to a task's option fields.
 GENERATE_KWARGS = ("test_fraction", "unique")
 
@@ -86,10 +103,16 @@ SOURCE_KIND: dict[str, str | None] = {
     "parquet": "prompt",
     "preference_jsonl": "preference",
     "unpaired_jsonl": "unpaired",
+    "hf_disk": "prompt",
+    "preference_hf_disk": "preference",
+    "unpaired_hf_disk": "unpaired",
     "tfds": None,  # given by the spec's `tfds_kind`
 }
-_FILE_SOURCES = {"jsonl": "jsonl", "parquet": "parquet", "preference_jsonl": "jsonl",
-                 "unpaired_jsonl": "jsonl"}
+# The file format of each local-file source.
+FILE_SOURCES: dict[str, str] = {
+    "jsonl": "jsonl", "parquet": "parquet", "preference_jsonl": "jsonl",
+    "unpaired_jsonl": "jsonl", "hf_disk": "arrow", "preference_hf_disk": "arrow",
+    "unpaired_hf_disk": "arrow"}
 _SYNTHETIC_TASK = {"arithmetic": "arithmetic", "countdown": "countdown",
                    "preference_arithmetic": "arithmetic"}
 
@@ -428,17 +451,7 @@ def _read_parquet(path: epath.Path, kind: str,
     raise ImportError("reading Parquet files needs pyarrow: pip install pyarrow") from e
   with path.open("rb") as f:
     parquet = pq.ParquetFile(f)
-    names = parquet.schema_arrow.names
-    columns = []
-    for ours in KIND_FIELDS[kind]:
-      theirs = field_map.get(ours, ours)
-      column = theirs if theirs in names else theirs.split(".")[0]
-      if column not in names:
-        mapped = f" (mapped to {ours!r})" if theirs != ours else ""
-        raise ValueError(f"{path}: missing field {theirs!r}{mapped}; fields found: "
-                         f"{sorted(names)}; set field_map to map {ours!r} to one of them")
-      if column not in columns:
-        columns.append(column)
+    columns = _columns(parquet.schema_arrow.names, kind, field_map, str(path))
     index = 0
     for batch in parquet.iter_batches(columns=columns):
       for record in batch.to_pylist():
@@ -446,8 +459,94 @@ def _read_parquet(path: epath.Path, kind: str,
         index += 1
 
 
+def _columns(names: Sequence[str], kind: str, field_map: Mapping[str, str],
+             where: str) -> list[str]:
+  """The top-level columns holding the (mapped) fields of `kind`; errors name `where`."""
+  columns = []
+  for ours in KIND_FIELDS[kind]:
+    theirs = field_map.get(ours, ours)
+    column = theirs if theirs in names else theirs.split(".")[0]
+    if column not in names:
+      mapped = f" (mapped to {ours!r})" if theirs != ours else ""
+      raise ValueError(f"{where}: missing field {theirs!r}{mapped}; fields found: "
+                       f"{sorted(names)}; set field_map to map {ours!r} to one of them")
+    if column not in columns:
+      columns.append(column)
+  return columns
+
+
+def arrow_files(path: str | os.PathLike[str]) -> list[epath.Path]:
+  """The Arrow files of one split: a saved `datasets.Dataset` directory or one .arrow file.
+
+  A directory's shards are listed in the order of its state.json
+  ("_data_files", as `Dataset.save_to_disk` writes it), else sorted by name.
+
+  Raises:
+    FileNotFoundError: nothing there, a listed shard is missing, or the
+      directory holds no .arrow file (the message says what was found).
+  """
+  root = epath.Path(path)
+  if root.is_file():
+    return [root]
+  if not root.is_dir():
+    raise FileNotFoundError(f"no Arrow file or saved dataset directory at {str(root)!r}")
+  state_file = root / "state.json"
+  if state_file.is_file():
+    try:
+      state = json.loads(state_file.read_text())
+      names = [entry["filename"] for entry in state["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{state_file}: not a `datasets` state.json with a '_data_files' list "
+                       f"({e!r})") from e
+    files = [root / name for name in names]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+      raise FileNotFoundError(f"{state_file} lists Arrow shards that do not exist: {missing}")
+  else:
+    files = sorted(f for f in root.iterdir() if f.name.endswith(".arrow") and f.is_file())
+  if not files:
+    found = sorted(f.name for f in root.iterdir())
+    hint = ("; it is a saved DatasetDict: name the directory itself as path, or add the "
+            "split's subdirectory" if "dataset_dict.json" in found else "")
+    raise FileNotFoundError(f"{str(root)!r} holds no .arrow file (found {found}){hint}")
+  return files
+
+
+def _open_ipc(f: Any, file: epath.Path) -> Any:
+  """A reader of an open Arrow IPC stream (as `datasets` writes) or IPC file."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  try:
+    return pa.ipc.open_stream(f)
+  except pa.ArrowInvalid:
+    f.seek(0)
+    try:
+      return pa.ipc.open_file(f)
+    except pa.ArrowInvalid as e:
+      raise ValueError(f"{file}: neither an Arrow IPC stream nor an Arrow IPC file ({e})") from e
+
+
+def _read_arrow(path: epath.Path, kind: str,
+                field_map: Mapping[str, str]) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(row index, example) of each row of a split's Arrow files, in order; errors name the row."""
+  try:
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("reading Arrow files needs pyarrow: pip install pyarrow") from e
+  index = 0
+  for file in arrow_files(path):
+    with file.open("rb") as f:
+      reader = _open_ipc(f, file)
+      columns = _columns(reader.schema.names, kind, field_map, str(file))
+      batches = (reader if isinstance(reader, pa.ipc.RecordBatchStreamReader)
+                 else (reader.get_batch(i) for i in range(reader.num_record_batches)))
+      for batch in batches:
+        for row, record in enumerate(batch.select(columns).to_pylist()):
+          yield index + row, map_fields(record, kind, field_map, f"{file} row {index + row}")
+        index += batch.num_rows
+
+
 _READERS: dict[str, Callable[..., Iterator[tuple[int, dict[str, Any]]]]] = {
-    "jsonl": _read_jsonl, "parquet": _read_parquet}
+    "jsonl": _read_jsonl, "parquet": _read_parquet, "arrow": _read_arrow}
 
 
 def _kind_features(kind: str) -> dict[str, Any]:
@@ -461,8 +560,9 @@ class LocalFileConfig(tfds.core.BuilderConfig):
 
   Attributes:
     kind: "prompt", "preference" or "unpaired" (see the module docstring).
-    files: (split, path) pairs, one file per split.
-    format: "jsonl" or "parquet"; empty: from each file's suffix.
+    files: (split, path) pairs, one file per split; for "arrow" a path may
+      also be a saved `datasets.Dataset` directory (see `arrow_files`).
+    format: "jsonl", "parquet" or "arrow"; empty: from each file's suffix.
     field_map: (ours, theirs) pairs; unmapped fields are read by their own name.
   """
   name: str = ""
@@ -484,22 +584,31 @@ class LocalFileConfig(tfds.core.BuilderConfig):
           f"LocalFileConfig.format must be one of {FILE_FORMATS} or empty, got {self.format!r}")
     for split, path in self.files:
       file = epath.Path(path)
-      if not file.is_file():
+      if not (file.is_file() or (file.is_dir() and self._file_format(path) == "arrow")):
         raise FileNotFoundError(f"LocalFileConfig.files: no file {path!r} for split {split!r}")
       self._file_format(path)
     if not self.name:
-      content = [(split, epath.Path(path).name, _file_digest(epath.Path(path)))
+      content = [(split, epath.Path(path).name, self._content_digests(path))
                  for split, path in self.files]
       self.name = f"{self.kind}_{_digest([content, self.field_map, self.format], 8)}"
+
+  def _content_digests(self, path: str) -> str | list[str]:
+    """Hash of a split's bytes (of every shard, for a saved dataset directory)."""
+    if self._file_format(path) == "arrow" and epath.Path(path).is_dir():
+      return [_file_digest(f) for f in arrow_files(path)]
+    return _file_digest(epath.Path(path))
 
   def _file_format(self, path: str) -> str:
     if self.format:
       return self.format
-    suffix = epath.Path(path).suffix.lower()
+    file = epath.Path(path)
+    suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
       return "jsonl"
     if suffix in (".parquet", ".pq"):
       return "parquet"
+    if suffix == ".arrow" or file.is_dir():
+      return "arrow"
     raise ValueError(f"cannot tell the format of {path!r} from its suffix; set format to one "
                      f"of {FILE_FORMATS}")
 
@@ -524,10 +633,11 @@ def check_field_map(field_map: Any, kind: str,
 with _tfds_registered.skip_registration():
 
   class LocalFile(tfds.core.GeneratorBasedBuilder):
-    """Prompt, preference or unpaired examples from local JSONL or Parquet files.
+    """Prompt, preference or unpaired examples from local JSONL, Parquet or Arrow files.
 
-    One split per file of `LocalFileConfig.files`. Blank JSONL lines are
+    One split per entry of `LocalFileConfig.files`. Blank JSONL lines are
     skipped; any other line must be a JSON object holding the mapped fields.
+    Arrow splits may be saved `datasets.Dataset` directories.
     """
 
     name = "jaxrl_local_file"
@@ -542,7 +652,7 @@ with _tfds_registered.skip_registration():
 
     def _info(self) -> tfds.core.DatasetInfo:
       return tfds.core.DatasetInfo(
-          builder=self, description="Examples read from local JSONL / Parquet files.",
+          builder=self, description="Examples read from local JSONL / Parquet / Arrow files.",
           disable_shuffling=True,
           features=tfds.features.FeaturesDict(_kind_features(self.builder_config.kind)))
 
@@ -640,18 +750,70 @@ def resolve_data_dir(spec: Any, workdir: str | os.PathLike[str] | None = None) -
   return None
 
 
+def _is_saved_dataset(directory: epath.Path) -> bool:
+  """Whether `directory` looks like one `datasets.Dataset.save_to_disk` output."""
+  return ((directory / "state.json").is_file() or (directory / "dataset_info.json").is_file()
+          or any(f.name.startswith("data-") and f.name.endswith(".arrow")
+                 for f in directory.iterdir()))
+
+
+def _arrow_split(path: str, split: str) -> str:
+  """The saved Dataset directory or .arrow file of `split` (layouts: module docstring)."""
+  if "{split}" in path:
+    target = epath.Path(path.replace("{split}", split))
+    if not (target.is_file() or target.is_dir()):
+      raise FileNotFoundError(f"no saved dataset directory or .arrow file {str(target)!r} for "
+                              f"split {split!r} (path {path!r})")
+    return os.fspath(target)
+  root = epath.Path(path)
+  if root.is_dir():
+    dict_file = root / "dataset_dict.json"
+    if dict_file.is_file():
+      try:
+        splits = list(json.loads(dict_file.read_text())["splits"])
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{dict_file}: not a `datasets` dataset_dict.json with a 'splits' "
+                         f"list ({e!r})") from e
+      if split not in splits:
+        raise ValueError(f"saved DatasetDict {path!r} has no split {split!r}; its splits: "
+                         f"{splits}")
+      return os.fspath(root / split)
+    if _is_saved_dataset(root):
+      if split != "train":
+        raise ValueError(f"path {path!r} is one saved Dataset, which is the 'train' split; for "
+                         f"split {split!r} save a DatasetDict there or use a path with "
+                         "'{split}'")
+      return os.fspath(root)
+    for candidate in (root / f"{split}.arrow", root / split):
+      if candidate.is_file() or candidate.is_dir():
+        return os.fspath(candidate)
+    raise FileNotFoundError(f"directory {path!r} is no saved DatasetDict (no dataset_dict.json) "
+                            f"or Dataset and holds neither '{split}.arrow' nor '{split}/' for "
+                            f"split {split!r}")
+  if root.is_file():
+    if split != "train":
+      raise ValueError(f"path {path!r} is a single file, which is the 'train' split; for split "
+                       f"{split!r} use a path with '{{split}}' or a directory holding "
+                       f"'{split}.arrow'")
+    return os.fspath(root)
+  raise FileNotFoundError(f"path {path!r} does not exist")
+
+
 def _local_files(spec: Any, split: str) -> tuple[tuple[str, str], ...]:
   """The (split, file) pair of a local-file spec.
 
   `spec.path` may contain "{split}", name a directory holding
   "<split>.jsonl" / "<split>.parquet", or name one file, which is the "train"
-  split.
+  split. Arrow sources ("hf_disk", ...) also take saved `datasets`
+  directories (see the module docstring).
   """
   path = spec.path
   if not path:
     raise ValueError(f"source {spec.source!r} needs path (a file, a directory, or a pattern "
                      "with '{split}')")
-  fmt = _FILE_SOURCES[spec.source]
+  fmt = FILE_SOURCES[spec.source]
+  if fmt == "arrow":
+    return ((split, _arrow_split(path, split)),)
   if "{split}" in path:
     file = epath.Path(path.replace("{split}", split))
     if not file.is_file():
@@ -690,9 +852,9 @@ def builder_for(spec: Any, split: str, *, workdir: str | os.PathLike[str] | None
     cls = {"arithmetic": ArithmeticTask, "countdown": CountdownTask,
            "preference_arithmetic": PreferenceArithmetic}[source]
     return cls(config=config, data_dir=data_dir)
-  if source in _FILE_SOURCES:
+  if source in FILE_SOURCES:
     config = LocalFileConfig(kind=SOURCE_KIND[source], files=_local_files(spec, split),
-                             format=_FILE_SOURCES[source], field_map=spec.field_map)
+                             format=FILE_SOURCES[source], field_map=spec.field_map)
     return LocalFile(config=config, data_dir=data_dir)
   if source == "tfds":
     return _catalog_builder(spec.tfds_name, data_dir)
@@ -723,7 +885,7 @@ def _catalog_builder(name: str | None, data_dir: str | None) -> tfds.core.Datase
 def prepare(spec: Any, splits: Sequence[str] = ("train", "test"), *,
             workdir: str | os.PathLike[str] | None = None) -> None:
   """Builds `spec`'s dataset (each of `splits` for local files) unless already built."""
-  for split in splits if spec.source in _FILE_SOURCES else splits[:1]:
+  for split in splits if spec.source in FILE_SOURCES else splits[:1]:
     builder = builder_for(spec, split, workdir=workdir)
     if spec.source != "tfds":
       builder.download_and_prepare()

@@ -1,15 +1,34 @@
 """Batches for RL, SFT and preference training: tokenize, pad, pack, shard, resume.
 
 `DataIterator(config, split)` reads a split (`builders.load_split`), tokenizes
-it once, drops (and counts) unusable examples, and yields numpy batches of
-static shapes, so the jitted step never recompiles.
+it once, drops (and counts and reports) unusable examples, and yields numpy
+batches of static shapes, so the jitted step never recompiles.
+
+Prompts. `encode_prompts(config, tokenizer, prompts)` is the one encoder of
+prompt text, used by every mode here and by evaluation: the text is
+`prompt_template.format(prompt=...)`; with `chat_template=True` it becomes the
+user message (after a system message holding `system_prompt`, if set) of the
+tokenizer's chat template, rendered with the assistant header appended
+(add_generation_prompt); then BOS as `add_bos` says (with a chat template, BOS
+is whatever the template renders and is never doubled; see
+`encode_prompts`). `prompt_strings` gives the text before tokenization.
+
+Rationale vs final answer. A prompt example's "answer" may hold a whole
+worked solution (GSM8K: "...rationale...\\n#### 72"; MATH: "...
+$\\boxed{72}$"). In "rl" mode the answer tokens feed only the in-graph
+exact-match `correct` reward, so they encode the FINAL answer,
+`rewards.answers.gold_answer(answer)` ("72"; plain answers such as the
+synthetic tasks' are kept, stripped), and `max_answer_len` budgets that. In
+"sft" mode the model is trained on the full text, rationale included. The
+example dicts themselves keep the raw answer: host-side rewards call
+`gold_answer` on it themselves.
 
 Batch formats. N is this process's rows (`batch_size // process_count`); P,
 A, C, T are `max_prompt_len`, `max_answer_len`, `max_completion_len`,
 `seq_len`. Every array is int32 unless noted; masks are 0/1. Prompts are
-`prompt_template.format(prompt=...)`, encoded with BOS when `add_bos`, and
-LEFT-padded with the tokenizer's pad id so that generation starts at column
-P for every row. Completions are the text followed by EOS, RIGHT-padded.
+encoded by `encode_prompts` and LEFT-padded with the tokenizer's pad id so
+that generation starts at column P for every row. Completions are the text
+followed by EOS, RIGHT-padded.
 
   mode "rl" (prompt sources)
     prompt_tokens [N, P]   prompt_mask [N, P]
@@ -38,11 +57,21 @@ next-fit in the epoch's order: an example goes into the current row if it
 fits, else starts a new one; no example is split across rows.
 
 Unusable examples: an empty (blank) prompt, or one that is too long: prompt
-over P tokens, answer + EOS over A ("rl"), prompt + answer + EOS over T
+over P tokens, final answer + EOS over A ("rl"), prompt + answer + EOS over T
 ("sft"), a completion + EOS over C ("preference", "unpaired"). With
-`overlong="skip"` they are dropped and counted in `DataIterator.stats`
-("skipped_empty", "skipped_overlong"); with "error" the first one raises,
-naming the example.
+`overlong="skip"` they are dropped, never silently: `encode_split` counts
+them per reason (`EncodedSplit.dropped`, `DataIterator.stats`) and logs one
+line per split, which `DataIterator` also prints on process 0:
+
+  split 'train' (rl): 7473 examples, 12 dropped (prompt over
+  max_prompt_len=256: 10, answer over max_answer_len=32: 2, empty prompt: 0);
+  longest in tokens: prompt 301, answer 40
+
+and when more than `max_drop_fraction` of the split (default 0: any drop)
+would be dropped it raises instead, naming the counts, the budgets, the
+longest lengths and the fix (raise the budget, or max_drop_fraction). With
+`overlong="error"` the first unusable example raises, naming it. The
+built-in synthetic tasks drop nothing at their documented budgets.
 
 Order, sharding and resumption. Epoch e visits the usable examples (SFT:
 the rows packed from them) in the order of a numpy permutation seeded with
@@ -65,9 +94,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from jaxrl_llm import tokenizers as tokenizers_lib
 from jaxrl_llm.data import builders
+from jaxrl_llm.rewards import answers
 
 SOURCES = tuple(builders.SOURCE_KIND)
 MODES = ("rl", "sft", "preference", "unpaired")
@@ -79,7 +110,7 @@ DEFAULT_MODE = {"prompt": "rl", "preference": "preference", "unpaired": "unpaire
 _COMPLETIONS = {"rl": ("answer",), "sft": ("answer",), "preference": ("chosen", "rejected"),
                 "unpaired": ("completion",)}
 _SYNTHETIC_SOURCES = ("arithmetic", "countdown", "preference_arithmetic")
-_FILE_SOURCES = ("jsonl", "parquet", "preference_jsonl", "unpaired_jsonl")
+_FILE_SOURCES = tuple(builders.FILE_SOURCES)
 _ENCODE_CHUNK = 1024
 
 
@@ -100,10 +131,14 @@ class DataConfig:
   """
   # One of SOURCES: "arithmetic" | "countdown" | "preference_arithmetic" (built
   # here), "jsonl" | "parquet" | "preference_jsonl" | "unpaired_jsonl" (local
-  # files), "tfds" (a prepared TFDS dataset).
+  # files), "hf_disk" | "preference_hf_disk" | "unpaired_hf_disk" (a HF
+  # `datasets` save_to_disk directory or .arrow files, read with pyarrow),
+  # "tfds" (a prepared TFDS dataset).
   source: str = "arithmetic"
   # Local files: a file (the "train" split), a directory holding
-  # "<split>.jsonl" / "<split>.parquet", or a pattern containing "{split}".
+  # "<split>.jsonl" / "<split>.parquet", or a pattern containing "{split}";
+  # hf_disk: a DatasetDict directory (split s in <path>/s), a saved Dataset
+  # (the "train" split), or a pattern containing "{split}".
   path: str | None = None
   # (ours, theirs) pairs for local files and TFDS, e.g.
   # (("prompt", "question"), ("answer", "answer")); "theirs" may be a dotted
@@ -122,14 +157,23 @@ class DataConfig:
   task_options: tuple[tuple[str, Any], ...] = ()
   batch_size: int = 32  # GLOBAL examples (SFT: packed rows) per step, all processes
   max_prompt_len: int = 32  # P: prompt tokens incl. BOS and template
-  max_answer_len: int = 16  # A: RL answer tokens incl. EOS
+  max_answer_len: int = 16  # A: RL final-answer tokens incl. EOS (module docstring)
   max_completion_len: int = 16  # C: preference / unpaired completion tokens incl. EOS
   seq_len: int = 128  # T: SFT packed row length
   overlong: str = "skip"  # "skip" (drop and count) | "error" for too-long/empty examples
+  # overlong="skip": the largest fraction of a split that may be dropped; more
+  # is refused with an error naming the counts, budgets and longest lengths.
+  max_drop_fraction: float = 0.0
   shuffle: bool = True  # reshuffle every epoch
   tokenizer: str = "builtin"  # "builtin" or a path for tokenizers.load_tokenizer
   prompt_template: str = "{prompt}"  # format string; {prompt} is the example's prompt
-  add_bos: bool = True  # prepend BOS to prompts (the tokenizer must define one)
+  # Prepend BOS to prompts (the tokenizer must define one). With chat_template:
+  # only if the tokenizer has a BOS and the rendered prompt does not start with it.
+  add_bos: bool = True
+  # Render every prompt with the tokenizer's chat template as a user message
+  # (after prompt_template), ending with the assistant header. HF tokenizers only.
+  chat_template: bool = False
+  system_prompt: str = ""  # chat_template: a system message before it; "": none
 
   def __post_init__(self):
     if self.source not in SOURCES:
@@ -163,11 +207,26 @@ class DataConfig:
         _fail(field, value, "a positive int")
     if self.overlong not in OVERLONG:
       _fail("overlong", self.overlong, f"one of {OVERLONG}")
-    for field in ("shuffle", "add_bos"):
+    fraction = self.max_drop_fraction
+    if (isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number))
+        or not 0.0 <= fraction <= 1.0):
+      _fail("max_drop_fraction", fraction, "a number in [0, 1] (e.g. 0.01 accepts dropping "
+            "up to 1% of a split)")
+    object.__setattr__(self, "max_drop_fraction", float(fraction))
+    for field in ("shuffle", "add_bos", "chat_template"):
       if not isinstance(getattr(self, field), bool):
         _fail(field, getattr(self, field), "a bool")
     if not isinstance(self.tokenizer, str) or not self.tokenizer:
       _fail("tokenizer", self.tokenizer, "'builtin' or a tokenizer path")
+    if not isinstance(self.system_prompt, str):
+      _fail("system_prompt", self.system_prompt, "a string")
+    if self.system_prompt and not self.chat_template:
+      _fail("system_prompt", self.system_prompt, "empty unless chat_template=True (a system "
+            "message needs a chat template; without one, put instructions in prompt_template)")
+    if self.chat_template and self.tokenizer == "builtin":
+      _fail("chat_template", self.chat_template, "False with tokenizer='builtin' (the built-in "
+            "SentencePiece tokenizer has no chat template); set tokenizer to a HF checkpoint "
+            "directory with a chat template, or format prompts with prompt_template")
     try:
       names = [name for _, name, _, _ in string.Formatter().parse(self.prompt_template)
                if name is not None]
@@ -186,6 +245,67 @@ class DataConfig:
 # ---------------------------------------------------------------------------
 # Encoding
 # ---------------------------------------------------------------------------
+
+
+def _check_chat_tokenizer(tokenizer: tokenizers_lib.Tokenizer) -> None:
+  if (not callable(getattr(tokenizer, "apply_chat_template", None))
+      or getattr(tokenizer, "chat_template", None) is None):
+    raise ValueError(
+        f"DataConfig.chat_template=True, but {tokenizer!r} has no chat template (the built-in "
+        "SentencePiece tokenizer never has one); set DataConfig.tokenizer to a HF checkpoint "
+        "directory whose tokenizer_config.json, chat_template.jinja or chat_template.json "
+        "holds one, or set chat_template=False and format prompts with prompt_template")
+
+
+def prompt_strings(config: DataConfig, tokenizer: tokenizers_lib.Tokenizer,
+                   prompts: Sequence[str]) -> list[str]:
+  """The text of each prompt as the model sees it (BOS excepted), e.g. for logging.
+
+  `config.prompt_template.format(prompt=p)`; with `config.chat_template` that
+  text is the content of a user message, after a system message holding
+  `config.system_prompt` when it is non-empty, rendered by
+  `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.
+  """
+  if isinstance(prompts, str):
+    raise ValueError("prompts must be a list of strings, got one string")
+  texts = [config.prompt_template.format(prompt=p) for p in prompts]
+  if not config.chat_template:
+    return texts
+  _check_chat_tokenizer(tokenizer)
+  system = ([{"role": "system", "content": config.system_prompt}]
+            if config.system_prompt else [])
+  return [tokenizer.apply_chat_template(system + [{"role": "user", "content": text}],
+                                        add_generation_prompt=True) for text in texts]
+
+
+def encode_prompts(config: DataConfig, tokenizer: tokenizers_lib.Tokenizer,
+                   prompts: Sequence[str]) -> list[list[int]]:
+  """Prompt ids of raw prompt strings: template, chat template, system prompt and BOS.
+
+  The one place prompts are encoded, for every mode and for evaluation:
+  `tokenizer.encode` of `prompt_strings(config, tokenizer, prompts)`, then BOS:
+
+    chat_template=False  BOS prepended iff `add_bos` (the tokenizer must define one).
+    chat_template=True   the rendered template decides: special tokens written
+                         by it (e.g. a "{{ bos_token }}") encode as themselves.
+                         `add_bos` prepends BOS only when the tokenizer defines
+                         one and the rendered prompt does not already start with
+                         it, so BOS is never doubled; a tokenizer without BOS
+                         (Qwen) gets none.
+
+  No length limit is applied; `encode_split` drops (and counts) overlong prompts.
+  """
+  texts = prompt_strings(config, tokenizer, prompts)
+  if not config.chat_template:
+    if config.add_bos and tokenizer.bos_id is None:
+      raise ValueError(f"DataConfig.add_bos=True but {tokenizer!r} defines no BOS token; "
+                       "set add_bos=False")
+    return tokenizer.encode_batch(texts, add_bos=config.add_bos)
+  ids = tokenizer.encode_batch(texts)
+  bos = tokenizer.bos_id
+  if config.add_bos and bos is not None:
+    ids = [row if row[:1] == [bos] else [bos] + row for row in ids]
+  return ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,28 +344,89 @@ class EncodedSplit:
   Attributes:
     mode: one of MODES.
     ids: [M] int32, the index in its split of each usable example.
-    tokens: "prompt" (with BOS and template) and the mode's completion fields
-      ("answer"; "chosen", "rejected"; "completion"), each with EOS appended.
+    tokens: "prompt" (from `encode_prompts`) and the mode's completion fields
+      ("answer": the final answer in "rl", the full text in "sft"; "chosen",
+      "rejected"; "completion"), each with EOS appended.
     extras: per-example arrays: "numbers" [M, k] and "target" [M] for
       countdown ("rl" mode), "label" [M] bool ("unpaired").
     pad_id: the tokenizer's pad id.
-    skipped_overlong: examples dropped for length.
-    skipped_empty: examples dropped for an empty prompt.
     prompt_len, completion_len, seq_len: P, A or C, T of the batches.
+    num_examples: examples in the split, usable or not.
+    dropped: examples dropped per reason (see `drop_reasons`), each example
+      counted once, under the first reason that applies.
+    longest: the most tokens seen per field over the split's non-empty
+      examples, dropped ones included ("prompt", completion fields with EOS,
+      "sequence" = prompt + answer + EOS in "sft").
+    budgets: the budget of each length reason, e.g. {"prompt": "max_prompt_len=256"}.
+    split: the split's name, for messages (None: unnamed).
   """
   mode: str
   ids: np.ndarray
   tokens: dict[str, Ragged]
   extras: dict[str, np.ndarray]
   pad_id: int
-  skipped_overlong: int
-  skipped_empty: int
   prompt_len: int
   completion_len: int
   seq_len: int
+  num_examples: int = 0
+  dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+  longest: dict[str, int] = dataclasses.field(default_factory=dict)
+  budgets: dict[str, str] = dataclasses.field(default_factory=dict)
+  split: str | None = None
 
   def __len__(self) -> int:
     return len(self.ids)
+
+  @property
+  def num_dropped(self) -> int:
+    """Examples of the split dropped for any reason."""
+    return sum(self.dropped.values())
+
+  @property
+  def skipped_overlong(self) -> int:
+    """Examples dropped for length."""
+    return sum(n for reason, n in self.dropped.items() if reason != "empty")
+
+  @property
+  def skipped_empty(self) -> int:
+    """Examples dropped for an empty prompt."""
+    return self.dropped.get("empty", 0)
+
+  def drop_summary(self) -> str:
+    """One line: examples, drops per reason with its budget, and the longest lengths.
+
+    E.g. "split 'train' (rl): 7473 examples, 12 dropped (prompt over
+    max_prompt_len=256: 10, answer over max_answer_len=32: 2, empty prompt: 0);
+    longest in tokens: prompt 301, answer 40".
+    """
+    name = "data" if self.split is None else f"split {self.split!r}"
+    reasons = ", ".join(
+        f"{_REASON_TEXT[r]}{' over ' + self.budgets[r] if r in self.budgets else ''}: {n}"
+        for r, n in self.dropped.items())
+    longest = ", ".join(f"{field} {n}" for field, n in self.longest.items())
+    return (f"{name} ({self.mode}): {self.num_examples} examples, {self.num_dropped} dropped "
+            f"({reasons}); longest in tokens: {longest or 'none'}")
+
+  def check_drop_fraction(self, max_drop_fraction: float) -> None:
+    """Raises when more than `max_drop_fraction` of the split was dropped.
+
+    The message names the counts, the budgets, the longest lengths and the fix.
+    """
+    if not self.num_examples or self.num_dropped <= max_drop_fraction * self.num_examples:
+      return
+    fixes = []
+    for reason, n in self.dropped.items():
+      if not n:
+        continue
+      if reason == "empty":
+        fixes.append("remove or fill the empty prompts")
+      else:
+        budget = self.budgets[reason].split("=")[0]
+        fixes.append(f"raise DataConfig.{budget} to at least {self.longest[reason]}")
+    raise ValueError(
+        f"{self.drop_summary()}. {self.num_dropped / self.num_examples:.2%} of the split would "
+        f"be dropped, more than DataConfig.max_drop_fraction={max_drop_fraction}; "
+        f"{' and '.join(fixes)}, or raise max_drop_fraction to accept the loss")
 
   def sft_lengths(self) -> np.ndarray:
     """[M] tokens of each example packed for SFT: prompt + answer + EOS."""
@@ -352,21 +533,52 @@ def _read_all(examples: Sequence[Mapping[str, Any]], start: int, stop: int) -> l
   return [examples[i] for i in range(start, stop)]
 
 
+def drop_reasons(mode: str, config: DataConfig) -> dict[str, str | None]:
+  """Why `encode_split` may drop an example of `mode`: reason -> its budget ("name=value").
+
+  "prompt" (over max_prompt_len), a completion field ("answer" over
+  max_answer_len in "rl"; "chosen", "rejected", "completion" over
+  max_completion_len), "sequence" ("sft": prompt + answer + EOS over
+  seq_len), and "empty" (a blank prompt; no budget).
+  """
+  completion = (f"max_answer_len={config.max_answer_len}" if mode == "rl"
+                else f"max_completion_len={config.max_completion_len}")
+  if mode == "sft":
+    reasons: dict[str, str | None] = {"sequence": f"seq_len={config.seq_len}"}
+  else:
+    reasons = {"prompt": f"max_prompt_len={config.max_prompt_len}"}
+    reasons.update({field: completion for field in _COMPLETIONS[mode]})
+  reasons["empty"] = None
+  return reasons
+
+
+_REASON_TEXT = {"prompt": "prompt", "answer": "answer", "chosen": "chosen",
+                "rejected": "rejected", "completion": "completion",
+                "sequence": "prompt + answer + EOS", "empty": "empty prompt"}
+
+
 def encode_split(examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers_lib.Tokenizer,
                  config: DataConfig, mode: str | None = None, *,
                  split: str | None = None) -> EncodedSplit:
-  """Tokenizes every example of a split and drops the unusable ones.
+  """Tokenizes every example of a split, drops the unusable ones and reports the drops.
+
+  Prompts go through `encode_prompts`; completions get EOS appended; in "rl"
+  mode the answer is `rewards.answers.gold_answer(answer)` (see the module
+  docstring). The drop counts are logged (absl, one line, a warning when
+  anything was dropped) and kept on the result (`EncodedSplit.dropped`).
 
   Args:
     examples: example dicts with our field names (see `builders.load_split`).
-    tokenizer: gives the ids and BOS/EOS/pad.
-    config: lengths, template, BOS and the `overlong` policy.
+    tokenizer: gives the ids and BOS/EOS/pad (and the chat template).
+    config: lengths, template, BOS, `overlong` and `max_drop_fraction`.
     mode: one of MODES; default: "rl" for prompt data, else the data's kind.
-    split: the split's name, for error messages.
+    split: the split's name, for messages.
 
   Raises:
-    ValueError: for an example missing a field, or (with `overlong="error"`)
-      the first empty or too-long example, naming its index and prompt.
+    ValueError: for an example missing a field; with `overlong="error"` for
+      the first empty or too-long example, naming its index and prompt; with
+      `overlong="skip"` when more than `config.max_drop_fraction` of the
+      split is dropped (naming counts, budgets, longest lengths and the fix).
   """
   mode = DEFAULT_MODE[config.kind] if mode is None else mode
   if mode not in MODES:
@@ -375,16 +587,12 @@ def encode_split(examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers_li
     raise ValueError(f"mode {mode!r} needs {MODE_KIND[mode]!r} examples, but source "
                      f"{config.source!r} holds {config.kind!r} examples; valid modes: "
                      f"{[m for m, k in MODE_KIND.items() if k == config.kind]}")
-  if config.add_bos and tokenizer.bos_id is None:
-    raise ValueError(f"DataConfig.add_bos=True but {tokenizer!r} defines no BOS token; "
-                     "set add_bos=False")
   completions = _COMPLETIONS[mode]
   required = ("prompt",) + completions + (("label",) if mode == "unpaired" else ())
   prompt_len = config.max_prompt_len
   completion_len = config.max_answer_len if mode == "rl" else config.max_completion_len
-  limits = {"prompt": ("max_prompt_len", prompt_len)}
-  limits.update({f: ("max_answer_len" if mode == "rl" else "max_completion_len", completion_len)
-                 for f in completions})
+  limits = {"prompt": prompt_len, **{field: completion_len for field in completions}}
+  reasons = drop_reasons(mode, config)
 
   where = "" if split is None else f" of split {split!r}"
   kept: list[int] = []
@@ -392,7 +600,8 @@ def encode_split(examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers_li
   numbers: list[list[int]] = []
   targets: list[int] = []
   labels: list[bool] = []
-  skipped = {"overlong": 0, "empty": 0}
+  dropped = dict.fromkeys(reasons, 0)
+  longest: dict[str, int] = {}
   has_numbers = None
 
   def reject(reason: str, index: int, example: Mapping[str, Any], detail: str) -> None:
@@ -400,7 +609,7 @@ def encode_split(examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers_li
       raise ValueError(f"example {index}{where} (prompt "
                        f"{str(example['prompt'])[:80]!r}) {detail}; fix the data or set "
                        "DataConfig.overlong='skip' to drop such examples")
-    skipped[reason] += 1
+    dropped[reason] += 1
 
   for start in range(0, len(examples), _ENCODE_CHUNK):
     stop = min(start + _ENCODE_CHUNK, len(examples))
@@ -410,29 +619,36 @@ def encode_split(examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers_li
       if missing:
         raise ValueError(f"example {start + offset}{where} lacks field(s) {missing} "
                          f"for mode {mode!r}; it has {sorted(example)}")
-    prompts = [config.prompt_template.format(prompt=e["prompt"]) for e in chunk]
-    encoded = {"prompt": tokenizer.encode_batch(prompts, add_bos=config.add_bos)}
+    encoded = {"prompt": encode_prompts(config, tokenizer, [e["prompt"] for e in chunk])}
     for field in completions:
-      encoded[field] = tokenizer.encode_batch([e[field] for e in chunk], add_eos=True)
+      texts = [str(e[field]) for e in chunk]
+      if mode == "rl":
+        texts = [answers.gold_answer(t) for t in texts]
+      encoded[field] = tokenizer.encode_batch(texts, add_eos=True)
     for offset, example in enumerate(chunk):
       index = start + offset
       if not str(example["prompt"]).strip():
         reject("empty", index, example, "has an empty prompt")
         continue
+      lengths = {field: len(ids[offset]) for field, ids in encoded.items()}
       if mode == "sft":
-        total = len(encoded["prompt"][offset]) + len(encoded["answer"][offset])
-        too_long = (f"has {total} tokens (prompt + answer + EOS), more than "
+        lengths = {"sequence": lengths["prompt"] + lengths["answer"]}
+      for field, n in lengths.items():
+        longest[field] = max(longest.get(field, 0), n)
+      if mode == "sft":
+        total = lengths["sequence"]
+        too_long = ("sequence", f"has {total} tokens (prompt + answer + EOS), more than "
                     f"seq_len={config.seq_len}") if total > config.seq_len else None
       else:
         too_long = None
-        for field, (limit_name, limit) in limits.items():
-          n = len(encoded[field][offset])
-          if n > limit:
+        for field, limit in limits.items():
+          if lengths[field] > limit:
             with_eos = "" if field == "prompt" else " with EOS"
-            too_long = f"has a {field} of {n} tokens{with_eos}, more than {limit_name}={limit}"
+            too_long = (field, f"has a {field} of {lengths[field]} tokens{with_eos}, more "
+                        f"than {reasons[field]}")
             break
       if too_long:
-        reject("overlong", index, example, too_long)
+        reject(too_long[0], index, example, too_long[1])
         continue
       kept.append(index)
       for field, lists in token_lists.items():
@@ -455,12 +671,16 @@ def encode_split(examples: Sequence[Mapping[str, Any]], tokenizer: tokenizers_li
     extras["target"] = np.asarray(targets, np.int32)
   if mode == "unpaired":
     extras["label"] = np.asarray(labels, np.bool_)
-  return EncodedSplit(
+  encoded_split = EncodedSplit(
       mode=mode, ids=np.asarray(kept, np.int32),
       tokens={f: Ragged.from_lists(v) for f, v in token_lists.items()}, extras=extras,
-      pad_id=int(tokenizer.pad_id), skipped_overlong=skipped["overlong"],
-      skipped_empty=skipped["empty"], prompt_len=prompt_len, completion_len=completion_len,
-      seq_len=config.seq_len)
+      pad_id=int(tokenizer.pad_id), prompt_len=prompt_len, completion_len=completion_len,
+      seq_len=config.seq_len, num_examples=len(examples), dropped=dropped, longest=longest,
+      budgets={r: b for r, b in reasons.items() if b is not None}, split=split)
+  summary = encoded_split.drop_summary()
+  (logging.warning if encoded_split.num_dropped else logging.info)(summary)
+  encoded_split.check_drop_fraction(config.max_drop_fraction)
+  return encoded_split
 
 
 def make_batch(examples: Sequence[Mapping[str, Any]], config: DataConfig,
@@ -541,6 +761,8 @@ class DataIterator:
     if examples is None:
       examples = builders.load_split(config, split, workdir=workdir)
     self.encoded = encode_split(examples, self.tokenizer, config, mode, split=split)
+    if self.process_index == 0:
+      print(self.encoded.drop_summary(), flush=True)
     self.mode = self.encoded.mode
     self._epoch = 0
     self._position = 0
@@ -551,8 +773,7 @@ class DataIterator:
   def _too_small(self) -> str:
     unit = "packed rows" if self.mode == "sft" else "usable examples"
     return (f"split {self.split!r} gives {self._num_units(0)} {unit} (of {len(self.encoded)} "
-            f"usable examples; skipped: {self.encoded.skipped_overlong} too long, "
-            f"{self.encoded.skipped_empty} empty), fewer than batch_size="
+            f"usable examples; {self.encoded.drop_summary()}), fewer than batch_size="
             f"{self.config.batch_size}: lower batch_size or add data")
 
   def _units(self, epoch: int) -> Any:
@@ -619,8 +840,16 @@ class DataIterator:
 
   @property
   def stats(self) -> dict[str, int]:
-    """Counts: skipped_overlong and skipped_empty (examples of the split, dropped once for all
-    epochs), epochs (completed), examples (usable)."""
-    return {"skipped_overlong": self.encoded.skipped_overlong,
-            "skipped_empty": self.encoded.skipped_empty,
-            "epochs": self._epoch, "examples": len(self.encoded)}
+    """Counts of the split, dropped once for all epochs, and of the iteration.
+
+    split_examples (all), examples (usable), dropped (all reasons),
+    dropped_<reason> per reason of `drop_reasons` (e.g. dropped_prompt,
+    dropped_answer, dropped_empty), skipped_overlong (all length reasons),
+    skipped_empty, epochs (completed).
+    """
+    encoded = self.encoded
+    return {"split_examples": encoded.num_examples, "examples": len(encoded),
+            "dropped": encoded.num_dropped,
+            **{f"dropped_{reason}": n for reason, n in encoded.dropped.items()},
+            "skipped_overlong": encoded.skipped_overlong,
+            "skipped_empty": encoded.skipped_empty, "epochs": self._epoch}

@@ -308,6 +308,37 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int,
   }
 
 
+def cache_take_rows(cache: Cache, rows_B: jax.Array) -> Cache:
+  """The cache of rows `rows_B` (a gather along the batch axis of every buffer).
+
+  The write index is shared by all rows, so it carries over unchanged. Used to
+  compact a decode batch to its live rows (`sampling.sample`).
+  """
+  take = lambda x: jnp.take(x, rows_B, axis=0)
+  return {"k": tuple(map(take, cache["k"])), "v": tuple(map(take, cache["v"])),
+          "valid": take(cache["valid"]), "index": cache["index"]}
+
+
+def cache_expand(cache: Cache, repeats: int, max_len: int) -> Cache:
+  """Each row repeated `repeats` times (row r -> rows r·G .. r·G + G − 1, as
+  `jnp.repeat`), and the slot axis grown to `max_len` empty slots.
+
+  A prompt prefilled once this way serves the G samples of its group: one
+  prefill per prompt instead of one per sample.
+  """
+  S = cache["valid"].shape[1]
+  if max_len < S:
+    raise ValueError(f"cache_expand: max_len {max_len} < the cache's {S} slots")
+
+  def grow(x):
+    x = jnp.repeat(x, repeats, axis=0) if repeats > 1 else x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, max_len - S)
+    return jnp.pad(x, pad)
+  return {"k": tuple(map(grow, cache["k"])), "v": tuple(map(grow, cache["v"])),
+          "valid": grow(cache["valid"]), "index": cache["index"]}
+
+
 def decode_params(cfg: ModelConfig, params: Params) -> Params:
   """The weights as the decode loop reads them, made once per `sampling.sample`.
 

@@ -12,7 +12,7 @@ Shape legend:
   T  completion time axis, padded; the chosen and rejected arrays may have
      different T. Prompt positions and padding carry mask 0.
 
-Notation (ALGORITHMS.md, "Preference losses"): with sums over completion tokens
+Notation (docs/ALGORITHMS.md, "Preference losses"): with sums over completion tokens
   c = log π_θ(y_w) − log π_ref(y_w),   r = log π_θ(y_l) − log π_ref(y_l),
   h = c − r.
 Metrics shared by every pairwise loss:

@@ -23,7 +23,10 @@ rewards are aggregated by name (`rm_losses.ENSEMBLE_AGGREGATIONS`): "mean",
 
 `reward_model_fn` turns a trained RM into an in-graph reward for the RL and
 online-DPO steps; its params are an argument (traced, sharded), never a
-constant folded into the compiled program.
+constant folded into the compiled program. `restore_reward_model` reads a
+trained RM back from the workdir of a kind="reward_model" run (its config
+snapshot gives the architecture and the heads, its checkpoint the params):
+what a config's `reward.reward_model_path` points at.
 
 Shape letters: B rows, N pairs, K heads, P prompt length, L completion
 length, T = P + L, D hidden size.
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +182,77 @@ def reward_model_fn(cfg: ModelConfig, num_heads: int, aggregation: str = "mean",
     return aggregate(scores_KB, aggregation, lam=lam), comps
 
   return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredRewardModel:
+  """A trained reward model read back from a run's workdir (`restore_reward_model`)."""
+  model: ModelConfig
+  num_heads: int
+  aggregation: str            # the run's reward_model.aggregation
+  lam: float                  # ... and its uncertainty_weighted λ
+  params: Any                 # {"trunk", "head"}, placed by `shardings`
+  shardings: Any
+  workdir: str
+  step: int                   # the checkpoint step the params come from
+
+  def reward_fn(self, *, with_members: bool = False) -> Callable:
+    """The in-graph reward fn(inputs, rm_params) of `reward_model_fn` for this model."""
+    return reward_model_fn(self.model, self.num_heads, self.aggregation, lam=self.lam,
+                           with_members=with_members)
+
+
+def restore_reward_model(workdir: str, *, mesh: Mesh, model_config_fn: Callable,
+                         rules=sharding.DEFAULT_RULES,
+                         tokenizer: Optional[str] = None) -> RestoredRewardModel:
+  """Reads the reward model of a kind="reward_model" run from its workdir.
+
+  The latest checkpoint's config snapshot gives the model section, the
+  tokenizer and the heads (num_heads, aggregation, lam); the params are then
+  restored onto `mesh` with the RM shardings (the head split like the
+  embedding). `model_config_fn(model_spec) -> ModelConfig` turns the run's
+  `config.ModelSpec` into a model config (the trainer's `model_config`).
+  `tokenizer`, when given, must be the run's `data.tokenizer`: the RM reads
+  the policy's token ids, so both must come from one tokenizer.
+  """
+  from jaxrl_llm import config as config_lib
+  from jaxrl_llm.checkpoint import Checkpointer
+
+  where = f"reward model {workdir!r}"
+  hint = ("point reward.reward_model_path at the workdir of a finished kind='reward_model' run, "
+          "e.g. one of configs/reward_model_arithmetic.py")
+  try:
+    ckpt = Checkpointer(workdir, create=False)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{where}: {e} To fix: {hint}") from e
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{where} has no finished checkpoint; {hint}")
+    snapshot = ckpt.restore_extra(step).get("config")
+    if not isinstance(snapshot, dict):
+      raise ValueError(f"{where}: checkpoint {step} stores no config snapshot; {hint}")
+    if snapshot.get("kind") != "reward_model":
+      raise ValueError(f"{where} is a kind={snapshot.get('kind')!r} run, not a reward model; "
+                       f"{hint}")
+    spec = config_lib.from_dict(config_lib.ModelSpec, snapshot["model"],
+                                f"{workdir}: config.model")
+    rm = config_lib.from_dict(config_lib.RewardModelConfig, snapshot["reward_model"],
+                              f"{workdir}: config.reward_model")
+    rm_tokenizer = snapshot["data"]["tokenizer"]
+    if tokenizer is not None and rm_tokenizer != tokenizer:
+      raise ValueError(f"{where} was trained with data.tokenizer={rm_tokenizer!r} but this run "
+                       f"uses {tokenizer!r}: the reward model reads the policy's token ids, so "
+                       "both runs need the same tokenizer")
+    model = model_config_fn(spec)
+    shardings = reward_model_shardings(model, mesh, rm.num_heads, rules)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            reward_model_shapes(model, rm.num_heads), shardings)
+    params = ckpt.restore_params(abstract, step)
+  finally:
+    ckpt.close()
+  return RestoredRewardModel(model, rm.num_heads, rm.aggregation, rm.lam, params, shardings,
+                             workdir, step)
 
 
 # ---------------------------------------------------------------------------

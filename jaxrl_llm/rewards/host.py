@@ -1,5 +1,12 @@
 """Host-side (Python) rewards: math answer checking and a thread-pool reward wrapper.
 
+`math_reward(completion, example)` is the one math scorer of training and
+evaluation: 1.0 iff the completion's final answer
+(`answers.extract_completion_answer`) equals the reference's final answer
+(`answers.gold_answer` of ``example["answer"]``, so GSM8K rationales ending in
+``#### 72`` and MATH solutions with ``\\boxed{}`` work as given) by
+`math_equal`.
+
 `math_equal` decides whether two math answers agree: normalised string
 equality, then exact rational comparison of plain numbers, then symbolic
 comparison (math-verify when installed, else sympy). The symbolic step runs in
@@ -44,6 +51,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+# The worker process loads this module by file path, without its package (see _WORKER_BOOTSTRAP).
+from jaxrl_llm.rewards.answers import (
+    braced_group,
+    extract_completion_answer,
+    gold_answer,
+    last_boxed,
+    last_number,
+)
+
 if TYPE_CHECKING:
   import jax
 
@@ -53,70 +69,31 @@ if TYPE_CHECKING:
 # Answer extraction and normalisation
 # --------------------------------------------------------------------------
 
-_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_GSM8K_RE = re.compile(r"####\s*([^\n]*)")
 _PLAIN_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?")
 _RATIO_RE = re.compile(r"[-+]?\d+/\d+")
 _LATEX_FRAC_RE = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
 _MAX_ANSWER_CHARS = 1000
 
 
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-  """The content of the brace group opening at ``text[start] == '{'`` and the index after it."""
-  if start >= len(text) or text[start] != "{":
-    return None
-  depth = 0
-  for i in range(start, len(text)):
-    if text[i] == "{":
-      depth += 1
-    elif text[i] == "}":
-      depth -= 1
-      if depth == 0:
-        return text[start + 1:i], i + 1
-  return None
-
-
-def _last_boxed(text: str) -> str | None:
-  """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), None if there is none."""
-  best = -1
-  command = ""
-  for cmd in ("\\boxed", "\\fbox"):
-    i = text.rfind(cmd)
-    if i > best:
-      best, command = i, cmd
-  if best < 0:
-    return None
-  i = best + len(command)
-  while i < len(text) and text[i] == " ":
-    i += 1
-  group = _braced(text, i)
-  if group is not None:
-    return group[0]
-  # "\boxed 5" form: the argument runs to the next space or '$'.
-  m = re.match(r"[^\s$]+", text[i:])
-  return m.group(0) if m else None
-
-
 def extract_answer(text: str) -> str:
   """The final answer in a model response, or "" when none is found.
 
-  In order of preference: the content of the last ``\\boxed{...}`` (nested
-  braces allowed); the rest of the line after the last ``####`` (GSM8K
-  style); the last number in the text (``-1,234.5`` and ``3/4`` forms,
-  thousands separators removed).
+  Kept for existing callers; new code uses `math_reward`, or
+  `answers.extract_completion_answer` (which also reads "the answer is X"
+  and drops thousands separators after ``####``). In order of preference:
+  the content of the last ``\\boxed{...}`` (nested braces allowed); the rest
+  of the line after the last ``####`` (GSM8K style); the last number in the
+  text (``-1,234.5`` and ``3/4`` forms, thousands separators removed).
   """
   if not isinstance(text, str):
     raise ValueError(f"extract_answer needs a str, got {type(text).__name__}.")  # noqa: TRY004
-  boxed = _last_boxed(text)
+  boxed = last_boxed(text)
   if boxed is not None:
     return boxed.strip()
-  marks = _GSM8K_RE.findall(text)
-  if marks:
-    return marks[-1].strip().rstrip(".").strip()
-  numbers = _NUMBER_RE.findall(text)
-  if numbers:
-    return numbers[-1].replace(",", "")
-  return ""
+  mark = text.rfind("####")
+  if mark >= 0:
+    return text[mark + 4:].split("\n", 1)[0].strip().rstrip(".").strip()
+  return last_number(text) or ""
 
 
 def normalize_answer(text: str) -> str:
@@ -129,7 +106,7 @@ def normalize_answer(text: str) -> str:
   ``\\dfrac``/``\\tfrac`` to ``\\frac``.
   """
   s = text.strip()
-  boxed = _last_boxed(s)
+  boxed = last_boxed(s)
   if boxed is not None:
     s = boxed
   s = s.strip()
@@ -178,7 +155,7 @@ def _replace_command(s: str, command: str, nargs: int, fmt: Callable[..., str]) 
     j = i + len(command)
     args = []
     for _ in range(nargs):
-      group = _braced(s, j)
+      group = braced_group(s, j)
       if group is None:
         return None
       args.append(group[0])
@@ -268,10 +245,16 @@ def _worker_main() -> None:
 
 
 # Runs this file as a script without adding any directory to sys.path, so that
-# the worker imports only the standard library, numpy and sympy.
+# the worker imports only the standard library, numpy and sympy. The answers
+# module is loaded by path under its own name first, so that this file's import
+# of it does not import the jaxrl_llm.rewards package (and with it jax).
 _WORKER_BOOTSTRAP = (
-    "import sys, runpy; del sys.path[0]; "
+    "import sys, runpy, importlib.util as iu; del sys.path[0]; "
+    "spec = iu.spec_from_file_location(sys.argv[2], sys.argv[3]); "
+    "module = sys.modules[spec.name] = iu.module_from_spec(spec); "
+    "spec.loader.exec_module(module); "
     "runpy.run_path(sys.argv[1])['_worker_main']()")
+_ANSWERS_MODULE = braced_group.__module__
 
 
 class _MathWorker:
@@ -279,7 +262,8 @@ class _MathWorker:
 
   def __init__(self, startup_timeout_s: float):
     self.proc = subprocess.Popen(
-        [sys.executable, "-c", _WORKER_BOOTSTRAP, os.path.abspath(__file__)],
+        [sys.executable, "-c", _WORKER_BOOTSTRAP, os.path.abspath(__file__), _ANSWERS_MODULE,
+         os.path.abspath(sys.modules[_ANSWERS_MODULE].__file__)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         close_fds=True)
     self._buffer = b""
@@ -432,6 +416,48 @@ def math_equal(pred: str, gold: str, timeout_s: float = 2.0) -> bool:
   _require_symbolic_backend()
   _POOL.count("symbolic_calls")
   return _POOL.equal(p, g, timeout_s)
+
+
+def example_gold_answer(example: Mapping[str, Any]) -> str:
+  """`answers.gold_answer` of ``example["answer"]``, with errors naming the problem.
+
+  Raises ValueError when the example has no "answer" field (the message names
+  the fields it has) or when that field holds no final answer (e.g. "#### ").
+  """
+  if not isinstance(example, Mapping):
+    raise ValueError(  # noqa: TRY004
+        f"a math example must be a mapping with an 'answer' field, got {type(example).__name__}")
+  if "answer" not in example:
+    raise ValueError(
+        f"a math example needs an 'answer' field (a GSM8K rationale ending in '#### N', a "
+        f"MATH solution with \\boxed{{...}}, or the answer itself); this one has fields "
+        f"{sorted(example)}. Map the dataset's answer field onto 'answer' with "
+        f"data.field_map, e.g. (('answer', 'solution'),).")
+  gold = gold_answer(str(example["answer"]))
+  if not gold:
+    raise ValueError(f"the example's 'answer' field {str(example['answer'])[-200:]!r} holds no "
+                     f"final answer (an empty \\boxed{{}} or '####' line); fix or drop the row")
+  return gold
+
+
+def math_reward(completion: str, example: Mapping[str, Any], *,
+                last_number_fallback: bool = False, timeout_s: float = 2.0) -> float:
+  """1.0 iff the completion's final answer equals the example's, else 0.0.
+
+    pred = answers.extract_completion_answer(completion, last_number_fallback=...)
+    gold = answers.gold_answer(str(example["answer"]))
+    reward = 1.0 if pred is not None and math_equal(pred, gold, timeout_s) else 0.0
+
+  So a GSM8K rationale ("... #### 1,234") scores 1.0 against its own row and
+  "\\boxed{0.5}" scores 1.0 against a MATH answer "\\frac{1}{2}". A completion
+  without a stated answer scores 0.0. Raises ValueError when the example has no
+  usable "answer" field (see `example_gold_answer`).
+  """
+  gold = example_gold_answer(example)
+  pred = extract_completion_answer(completion, last_number_fallback=last_number_fallback)
+  if pred is None:
+    return 0.0
+  return 1.0 if math_equal(pred, gold, timeout_s=timeout_s) else 0.0
 
 
 # --------------------------------------------------------------------------
@@ -620,9 +646,30 @@ class HostReward:
     if "example_index_B" in task:
       args.append(jnp.asarray(task["example_index_B"], jnp.int32))
 
-    def callback(*arrays):
-      return self(*(np.asarray(a) for a in arrays))
+    chunked = [_column_chunks(a) for a in args]
+
+    def callback(*chunk_lists):
+      return self(*(np.concatenate([np.asarray(c) for c in chunks], axis=-1)
+                    for chunks in chunk_lists))
 
     return jax.pure_callback(
-        callback, jax.ShapeDtypeStruct((batch,), jnp.float32), *args,
+        callback, jax.ShapeDtypeStruct((batch,), jnp.float32), *chunked,
         vmap_method="sequential")
+
+
+# A callback operand of more than ~64 KiB deadlocks XLA:CPU when the computation spans
+# several CPU devices (jax 0.10: the operand's host copy waits on the devices' thread pool,
+# whose threads wait in a collective for the device running the callback). Operands are
+# passed in column chunks under this size instead; tests/rewards_test.py checks a large
+# host-reward batch on 8 CPU devices.
+_CALLBACK_CHUNK_BYTES = 32 * 1024
+
+
+def _column_chunks(x: jax.Array) -> tuple[jax.Array, ...]:
+  """`x` split along its last axis into pieces of at most _CALLBACK_CHUNK_BYTES (on CPU)."""
+  import jax
+  if jax.default_backend() != "cpu" or x.ndim == 0 or x.nbytes <= _CALLBACK_CHUNK_BYTES:
+    return (x,)
+  row_bytes = max(x.nbytes // x.shape[-1], 1)
+  width = max(_CALLBACK_CHUNK_BYTES // row_bytes, 1)
+  return tuple(x[..., i:i + width] for i in range(0, x.shape[-1], width))

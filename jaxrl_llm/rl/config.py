@@ -44,6 +44,15 @@ class RLConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  # ROLLOUT ENGINE (jaxrl_llm.sampling)
+  rollout_shared_prefix: bool = True     # prefill each prompt once for its G samples
+  # Halve the decode batch whenever half its rows have finished, down to this
+  # many rows (0: off). Below ~64 rows a decode step mostly reads the weights,
+  # so smaller buckets gain little and each bucket is one more compiled loop.
+  rollout_compaction_min_rows: int = 64
+  banned_tokens: tuple[int, ...] = ()    # token ids never sampled
+  min_new_tokens: int = 0                # no EOS before this many completion tokens
+  forced_prefix: tuple[int, ...] = ()    # every completion starts with these token ids
   # ADVANTAGE
   advantage: str = "grpo"             # see advantages.advantage_estimator_names()
   adv_eps: float = 1e-4
@@ -72,7 +81,11 @@ class RLConfig:
   # DAPO
   dynamic_sampling: bool = False      # keep groups with non-zero reward variance
   oversample: int = 1                 # sampled groups = oversample × kept groups
-  overlong_cache_len: int = 0         # > 0: soft overlong punishment
+  # Soft overlong punishment over the last L_c tokens of the budget (DAPO). L_c is
+  # `overlong_cache_len` tokens when > 0, else ⌊overlong_cache_fraction · max_new_tokens⌋
+  # (the `overlong_cache_tokens` property; 0 turns the shaping off).
+  overlong_cache_len: int = 0
+  overlong_cache_fraction: float = 0.0
   mask_truncated: bool = False        # drop truncated completions from the loss
   # SHAPING
   length_shaping: str = "none"        # none | dler | hapo | grpo_lambda
@@ -101,6 +114,14 @@ class RLConfig:
     check(self.group_size >= 1, "group_size", "must be >= 1")
     check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     check(self.temperature > 0, "temperature", "must be > 0")
+    for name in ("banned_tokens", "forced_prefix"):
+      object.__setattr__(self, name, _token_ids(name, getattr(self, name)))
+    check(self.rollout_compaction_min_rows >= 0, "rollout_compaction_min_rows",
+          "must be >= 0 (0 turns compaction off)")
+    check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
+          f"must be in [0, max_new_tokens={self.max_new_tokens}]")
+    check(len(self.forced_prefix) <= self.max_new_tokens, "forced_prefix",
+          f"is longer than max_new_tokens={self.max_new_tokens}")
     # The registries are read live, so registered estimators and losses validate.
     check(self.advantage in advantages.advantage_estimator_names(), "advantage",
           f"choose one of {advantages.advantage_estimator_names()} (or register one with "
@@ -136,6 +157,8 @@ class RLConfig:
             "dynamic_sampling=True")
     check(self.overlong_cache_len >= 0 and self.overlong_cache_len < self.max_new_tokens,
           "overlong_cache_len", f"must be in [0, max_new_tokens={self.max_new_tokens})")
+    check(0.0 <= self.overlong_cache_fraction < 1.0, "overlong_cache_fraction",
+          "must be in [0, 1): the cache is that fraction of max_new_tokens")
     check(self.length_shaping in LENGTH_SHAPINGS, "length_shaping",
           f"choose one of {LENGTH_SHAPINGS}")
     if self.length_shaping == "dler":
@@ -161,6 +184,23 @@ class RLConfig:
   @property
   def needs_reference(self) -> bool:
     return self.kl_coef > 0
+
+  @property
+  def overlong_cache_tokens(self) -> int:
+    """L_c of the soft overlong punishment, in tokens (0: no overlong shaping).
+
+    L_c = overlong_cache_len if it is > 0 (an explicit length wins), else
+    ⌊overlong_cache_fraction · max_new_tokens⌋. The fraction keeps DAPO's
+    proportion at any budget: DAPO generates at most L_max = 20480 tokens of
+    which the last L_c = 4096 are the soft punishment cache (16384 expected),
+    L_c / L_max = 0.2 (Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement
+    Learning System at Scale", section 5). Budgets under 1/fraction tokens
+    (5 at 0.2) get L_c = 0. Always < max_new_tokens.
+    """
+    if self.overlong_cache_len > 0:
+      return self.overlong_cache_len
+    # The tolerance keeps exact products (0.2 · 20480) from flooring one token low.
+    return int(self.overlong_cache_fraction * self.max_new_tokens + 1e-9)
 
   @property
   def updates_per_step(self) -> int:
@@ -202,6 +242,14 @@ def _freeze(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return tuple(_freeze(v) for v in value)
   return value
+
+
+def _token_ids(field: str, value: Any) -> tuple[int, ...]:
+  """A sequence of token ids (list or tuple, e.g. from a config file) -> tuple of ints >= 0."""
+  if not isinstance(value, (list, tuple)) or not all(
+      isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+    raise ValueError(f"RLConfig.{field}={value!r}: must be a tuple of token ids (ints >= 0)")
+  return tuple(int(t) for t in value)
 
 
 def _normalize_kwargs(field: str, value: Any) -> tuple[tuple[str, Any], ...]:
@@ -250,7 +298,11 @@ def _check_kwargs(field: str, pairs, name: str, fn: Callable[..., Any],
                        f"({getattr(fn, '__name__', fn)!r} takes {sorted(named)})")
 
 
-# Presets: named bundles of RLConfig fields (formulas in ALGORITHMS.md).
+# DAPO's soft overlong punishment cache as a fraction of the generation budget:
+# L_c / L_max = 4096 / 20480 (Yu et al. 2025, section 5; see `overlong_cache_tokens`).
+DAPO_OVERLONG_CACHE_FRACTION = 4096 / 20480
+
+# Presets: named bundles of RLConfig fields (formulas in docs/ALGORITHMS.md).
 PRESETS: dict[str, dict[str, Any]] = {
     # DeepSeekMath: group-normalised advantage, per-sequence mean, k3 KL in the loss.
     "grpo": dict(advantage="grpo", policy_loss="ppo_clip", aggregation="seq_mean_token_mean",
@@ -258,9 +310,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Dr. GRPO: no std division, constant normaliser, no KL.
     "dr_grpo": dict(advantage="dr_grpo", policy_loss="ppo_clip",
                     aggregation="seq_mean_token_sum_norm", kl_coef=0.0),
-    # DAPO: clip-higher, token-mean, dynamic sampling, overlong shaping, no KL.
+    # DAPO: clip-higher, token-mean, dynamic sampling, soft overlong punishment over
+    # the last fifth of max_new_tokens, no KL.
     "dapo": dict(advantage="grpo", policy_loss="ppo_clip", aggregation="token_mean",
-                 eps_low=0.2, eps_high=0.28, kl_coef=0.0, dynamic_sampling=True, oversample=2),
+                 eps_low=0.2, eps_high=0.28, kl_coef=0.0, dynamic_sampling=True, oversample=2,
+                 overlong_cache_fraction=DAPO_OVERLONG_CACHE_FRACTION),
     # GSPO: sequence-level importance ratio with a tight clip.
     "gspo": dict(advantage="grpo", policy_loss="gspo", aggregation="seq_mean_token_mean",
                  eps_low=3e-4, eps_high=4e-4, kl_coef=0.0),

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrl_llm import sharding
+from jaxrl_llm import sampling, sharding
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.rewards import shaping
@@ -38,7 +38,6 @@ from jaxrl_llm.rewards.base import RewardInputs
 from jaxrl_llm.rewards.registry import LABEL_COMPONENTS
 from jaxrl_llm.rl import advantages, policy_losses
 from jaxrl_llm.rl.config import RLConfig
-from jaxrl_llm.sampling import sample
 from jaxrl_llm.train_state import TrainState, accumulate_gradients, apply_update
 
 # (total_B, {component name: value_B}); "correct" marks success when present.
@@ -87,6 +86,11 @@ class RLStep:
   mesh: Any = None
   rules: tuple = sharding.DEFAULT_RULES
   skip_nonfinite: bool = True
+  # An extra `sampling.LogitsProcessor` for the rollout, applied after the
+  # config's (banned_tokens, min_new_tokens, forced_prefix): e.g.
+  # `sampling.force_lengths`. It indexes rows by `DecodeContext.row_B`: the
+  # R·G completion rows, or the R prompt rows of remax's greedy baseline.
+  logits_processor: Optional[Callable] = None
 
   # ------------------------------------------------------------------ ROLLOUT
   def max_len_now(self, step):
@@ -101,29 +105,46 @@ class RLStep:
                                        stage_lengths=rl.stage_lengths)
     return jnp.asarray(rl.max_new_tokens, jnp.int32)
 
+  def rollout_processor(self) -> Optional[sampling.LogitsProcessor]:
+    """The rollout's logits processor: the config's constraints, then `logits_processor`."""
+    rl = self.rl
+    return sampling.chain(
+        sampling.ban_tokens(rl.banned_tokens) if rl.banned_tokens else None,
+        sampling.min_new_tokens(rl.min_new_tokens, (self.eos_id,))
+        if rl.min_new_tokens and self.eos_id >= 0 else None,
+        sampling.force_prefix(rl.forced_prefix) if rl.forced_prefix else None,
+        self.logits_processor)
+
   def rollout(self, params, batch: Mapping[str, jax.Array], rng, step) -> dict:
-    """G completions per prompt; returns per-completion arrays (B rows)."""
+    """G completions per prompt; returns per-completion arrays (B rows).
+
+    Each prompt is prefilled once for its G samples (`rollout_shared_prefix`),
+    finished rows are compacted away (`rollout_compaction_min_rows`) and a
+    length schedule's budget stops the decode at that step's budget: the
+    completions are those of a plain sampler over the repeated prompts, cut
+    at the budget.
+    """
     rl = self.rl
     rows = _repeat(dict(batch), rl.group_size)
     params = decoder.decode_params(self.model, params)  # once for both samplers (remax)
-    out = sample(self.model, params, rows["prompt_tokens"], rows["prompt_mask"], rng,
-                 max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                 top_k=rl.top_k, top_p=rl.top_p, stop_tokens=(self.eos_id,),
-                 pad_id=self.pad_id)
-    mask_BL, finished_B = out.mask_BL, out.finished_B
-    if rl.max_len_schedule != "none":
-      # Tokens past the scheduled budget are cut: the completion counts as truncated.
-      limit = self.max_len_now(step)
-      over_B = out.lengths_B > limit
-      mask_BL = mask_BL * (jnp.arange(rl.max_new_tokens)[None, :] < limit)
-      finished_B = finished_B & ~over_B
-    ro = dict(rows, completion=out.tokens_BL, completion_mask=mask_BL,
-              sampler_logp=out.logprobs_BL, finished=finished_B,
-              lengths=jnp.sum(mask_BL, axis=1).astype(jnp.int32))
+    processor = self.rollout_processor()
+    budget = None if rl.max_len_schedule == "none" else self.max_len_now(step)
+    shared = rl.rollout_shared_prefix and rl.group_size > 1
+    prompts = batch if shared else rows
+    out = sampling.sample(
+        self.model, params, prompts["prompt_tokens"], prompts["prompt_mask"], rng,
+        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
+        top_p=rl.top_p, stop_tokens=(self.eos_id,), pad_id=self.pad_id,
+        logits_processor=processor, group_size=rl.group_size if shared else 1,
+        compaction_min_rows=rl.rollout_compaction_min_rows, max_len=budget)
+    ro = dict(rows, completion=out.tokens_BL, completion_mask=out.mask_BL,
+              sampler_logp=out.logprobs_BL, finished=out.finished_B, lengths=out.lengths_B)
     if rl.advantage == "remax":
-      greedy = sample(self.model, params, batch["prompt_tokens"], batch["prompt_mask"], rng,
-                      max_new_tokens=rl.max_new_tokens, greedy=True,
-                      stop_tokens=(self.eos_id,), pad_id=self.pad_id)
+      greedy = sampling.sample(
+          self.model, params, batch["prompt_tokens"], batch["prompt_mask"], rng,
+          max_new_tokens=rl.max_new_tokens, greedy=True, stop_tokens=(self.eos_id,),
+          pad_id=self.pad_id, logits_processor=processor,
+          compaction_min_rows=rl.rollout_compaction_min_rows, max_len=budget)
       ro["baseline_completion"] = greedy.tokens_BL
       ro["baseline_mask"] = greedy.mask_BL
       ro["baseline_finished"] = greedy.finished_B
@@ -165,8 +186,8 @@ class RLStep:
     lengths_B = ro["lengths"]
     correct_B = comps.get("correct", (rewards_B > 0).astype(jnp.float32))
     extra = dict(state.extra)
-    if rl.overlong_cache_len > 0:
-      pen_B = advantages.overlong_penalty(lengths_B, rl.max_new_tokens, rl.overlong_cache_len)
+    if rl.overlong_cache_tokens > 0:
+      pen_B = advantages.overlong_penalty(lengths_B, rl.max_new_tokens, rl.overlong_cache_tokens)
       comps["overlong"] = pen_B
       rewards_B = rewards_B + pen_B
     if rl.length_shaping == "dler":
