@@ -9,19 +9,21 @@ answer of each problem with the worst (problems whose answers all tie are
 masked and counted) and trains 10 preference steps (RPO = DPO + η·NLL of the
 chosen answer) on those pairs. The reference of each round is the policy at
 its start (`iterative.update_reference`). Stage 1 is a short SFT warm-start.
+Hardware: 2 CPU cores, about 3-4 minutes.
+Measured (CPU, defaults, seed 0, the 500 held-out problems): greedy accuracy
+0.11 after the SFT stage -> 0.44 after 12 rounds; sampled (T=1) 0.21 -> 0.35;
+the judged accuracy of the training samples (judge/score_mean) 0.32 in the
+first round -> 0.54 in the last.
 Variants: `:judge=self` lets the policy judge its own answers (self-rewarding:
-the score is log π("y" | problem, answer, " correct:")); the tiny model was
-never taught to judge, so expect no gain there: the variant shows the
-mechanics. `--config.reward.components='(("reward_model", 1.0),)'
+the score is log π("y" | problem, answer, " correct:")). This tiny model was
+never taught to judge, so its judgements are noise and the run unlearns the
+task (measured: greedy 0.11 -> 0.00): the variant shows the mechanics only.
+`--config.reward.components='(("reward_model", 1.0),)'
 --config.reward.reward_model_path=/tmp/rm` judges with a trained reward model
-(see configs/reward_model_arithmetic.py).
-Hardware: 2 CPU cores, about 3 minutes.
-Expected (CPU, defaults, 512 held-out problems; EXPECTED_RESULT below).
+(configs/reward_model_arithmetic.py).
 """
 
 from jaxrl_llm.config import default_configdict, parse_arg, use_builtin_task
-
-EXPECTED_RESULT = ""
 
 
 def get_config(arg=None):

@@ -3,13 +3,39 @@
 This is the only module that imports orbax: its API moves between versions,
 so everything else goes through ``Checkpointer``.
 
-A checkpoint of step ``s`` lives in ``<workdir>/checkpoints/<s>/`` with two
+A checkpoint of step ``s`` lives in ``<workdir>/checkpoints/<s>/`` with three
 items:
 
-  state/   the training state: any pytree of ``jax.Array`` (sharded or not),
-           written by every process for the shards it owns;
-  extra/   a JSON object for what is not an array: data-iterator position,
-           an rng as a list of ints, a config snapshot, ...
+  state/      the training state: any pytree of ``jax.Array`` (sharded or
+              not), written by every process for the shards it owns;
+  extra/      a JSON object for what is not an array: data-iterator position,
+              an rng as a list of ints, a config snapshot, ...
+  checksums/  a JSON manifest: every state leaf's path, shape, dtype and
+              checksum, and the SHA-256 of ``extra``.
+
+Verification. Orbax's files carry no checksum of the array bytes (a flipped
+byte in a data file restores silently into different numbers), so ``save``
+records one per leaf, computed on the devices from the arrays being saved:
+
+  checksum(x) = Σ_i w_i · (2i + 1)  mod 2^32
+
+over the words w_i of the leaf's raw bytes (its elements bit-cast to
+unsigned integers of their own width, widened to 32 bits; 8-byte elements
+as two words). Any single flipped bit changes the sum by ±2^k·(2i + 1),
+never 0 mod 2^32, and other damage goes unnoticed with probability about
+2^-32. The sum is independent of how the leaf is sharded, so a state
+restored onto another mesh verifies too. ``restore`` first compares the
+target's leaves and shapes with the manifest (a checkpoint of another model
+or kind of run is refused with the differing leaves named), then recomputes
+the checksums of what it read; any mismatch, or a file orbax cannot read, raises
+``CorruptCheckpointError`` naming the step directory, the leaves and the
+earlier steps to resume from instead. Checkpoints written before the manifest
+existed restore unverified, with a warning.
+
+Finite states only. ``save`` refuses (``NonFiniteStateError``, nothing
+written) a state with a NaN or Inf in any floating-point leaf, so a diverged
+run never saves over, or rotates out with ``max_to_keep``, its last finite
+checkpoint.
 
 Atomicity. Orbax writes a step into ``<s>.orbax-checkpoint-tmp*`` and renames
 it to ``<s>`` only after every process has finished writing (object stores
@@ -39,6 +65,7 @@ flag that all processes agree on. At a safe point of the loop (between steps):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import signal
 import threading
@@ -46,6 +73,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -56,7 +84,21 @@ from jaxrl_llm import fileio
 
 _STATE = "state"
 _EXTRA = "extra"
+_CHECKSUMS = "checksums"
+_MANIFEST_FORMAT = 1
 CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint's files cannot be read, or do not hold what was saved."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint holds leaves or shapes other than the restore target's."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """``save`` was given a state with NaN or Inf values; nothing was written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +149,78 @@ def _abstract_leaf(path, leaf) -> jax.ShapeDtypeStruct:
       f"restore target {jax.tree_util.keystr(path)} is a "
       f"{type(leaf).__name__}; expected jax.ShapeDtypeStruct (with sharding) "
       "or jax.Array.")
+
+
+def _path_name(path) -> str:
+  """A leaf's path as "params/layers/wq" (attribute, key and index entries alike)."""
+  parts = []
+  for entry in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The raw bytes of `x` as a flat uint32 vector (one word per <= 4-byte element)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  if size == 8:  # bitcast to a narrower type adds a trailing axis of 2 words
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(checksum, all finite) of one leaf; see the module docstring for the formula."""
+  words = _words(x)
+  weights = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
+  checksum = jnp.sum(words * weights, dtype=jnp.uint32)  # wraps mod 2^32
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return checksum, jnp.all(jnp.isfinite(x))
+  return checksum, jnp.asarray(True)
+
+
+@jax.jit
+def _tree_digest(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  digests = [_leaf_digest(x) for x in leaves]
+  return (jnp.stack([c for c, _ in digests]).astype(jnp.uint32),
+          jnp.stack([f for _, f in digests]))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """A replicated (multi-host: possibly not fully addressable) array on the host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return np.asarray(jax.device_get(x))
+
+
+def _digest(tree: Any) -> dict[str, dict[str, Any]]:
+  """{leaf path: {shape, dtype, checksum, finite}} of a pytree of arrays."""
+  named = jax.tree_util.tree_leaves_with_path(tree)
+  if not named:
+    return {}
+  leaves = [jnp.asarray(x) if not isinstance(x, jax.Array) else x for _, x in named]
+  checksums, finite = _tree_digest(leaves)
+  checksums, finite = _host(checksums), _host(finite)
+  return {_path_name(path): {"shape": list(np.shape(x)), "dtype": str(x.dtype),
+                             "checksum": int(c), "finite": bool(f)}
+          for (path, x), c, f in zip(named, checksums, finite)}
+
+
+def _extra_sha256(extra: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(extra, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _listed(names: list[str], limit: int = 4) -> str:
+  more = f" and {len(names) - limit} more" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
 
 
 class Checkpointer:
@@ -189,6 +303,11 @@ class Checkpointer:
 
     Returns:
       True if a save was started.
+
+    Raises:
+      NonFiniteStateError: a floating-point leaf of ``state`` holds NaN or
+        Inf; nothing is written, so the newest checkpoint stays the last
+        finite one.
     """
     extra = dict(extra or {})
     try:
@@ -200,21 +319,130 @@ class Checkpointer:
       logging.info("Checkpoint for step %d already exists; not saving again.",
                    step)
       return False
+    if not force and not self._manager.should_save(step):
+      return False
+    leaves = _digest(state)
+    nonfinite = [name for name, leaf in leaves.items() if not leaf["finite"]]
+    if nonfinite:
+      latest = self.latest_step()
+      kept = (f"the newest checkpoint stays step {latest} in {self.directory}"
+              if latest is not None else f"no checkpoint is in {self.directory} yet")
+      raise NonFiniteStateError(
+          f"Not saving step {step}: the state has NaN/Inf values in {len(nonfinite)} "
+          f"leaves ({_listed(nonfinite)}), so the run has diverged; {kept}.")
+    manifest = {"format": _MANIFEST_FORMAT, "extra_sha256": _extra_sha256(extra),
+                "leaves": {name: {k: leaf[k] for k in ("shape", "dtype", "checksum")}
+                           for name, leaf in leaves.items()}}
+    # The policy was consulted above (once: the preemption policy is a collective).
     saved = self._manager.save(
         step,
         args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(state),
             _EXTRA: ocp.args.JsonSave(extra),
+            _CHECKSUMS: ocp.args.JsonSave(manifest),
         }),
-        force=force)
+        force=True)
     if saved:
       logging.info("Saving checkpoint for step %d to %s.", step,
                    self.directory)
     return saved
 
+  def _step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  def _earlier(self, step: int) -> str:
+    """What to do instead of restoring `step`: the earlier steps, if any."""
+    earlier = [s for s in self.all_steps() if s < step]
+    if not earlier:
+      return (f"No earlier checkpoint is in {self.directory}: start again in a new workdir "
+              f"(or move {self._step_dir(step)} away to start this one from scratch).")
+    return (f"Earlier checkpoints: steps {earlier}. To resume from step {earlier[-1]}, move "
+            f"{self._step_dir(step)} out of {self.directory} (keep it for inspection) and "
+            "rerun.")
+
+  def _unreadable(self, step: int, what: str, error: Exception) -> CorruptCheckpointError:
+    root = error  # orbax wraps the storage error that names the file; report that one
+    while (root.__cause__ or root.__context__) is not None:
+      root = root.__cause__ or root.__context__
+    return CorruptCheckpointError(
+        f"Cannot read {what} of checkpoint {self._step_dir(step)}: "
+        f"{type(root).__name__}: {str(root)[:800]}\nIts files are damaged or incomplete "
+        f"(e.g. a truncated copy or a disk error), or were not written by this version. "
+        f"{self._earlier(step)}")
+
+  def _manifest(self, step: int) -> dict[str, Any] | None:
+    """The step's checksum manifest; None for checkpoints saved before manifests."""
+    if not (self._step_dir(step) / _CHECKSUMS).exists():
+      logging.warning("Checkpoint %s has no checksum manifest (saved by an older version); "
+                      "restoring it unverified.", self._step_dir(step))
+      return None
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(**{_CHECKSUMS: ocp.args.JsonRestore()}))
+      manifest = dict(restored[_CHECKSUMS])
+      if manifest.get("format") != _MANIFEST_FORMAT or not isinstance(
+          manifest.get("leaves"), dict):
+        raise ValueError(f"unknown manifest format {manifest.get('format')!r}")
+    except Exception as e:  # noqa: BLE001 - any read failure: name the files
+      raise self._unreadable(step, f"the checksum manifest {_CHECKSUMS}/", e) from e
+    return manifest
+
+  def _check_target(self, step: int, manifest: dict[str, Any], target: Any,
+                    prefix: str = "") -> None:
+    """Refuses a target whose leaves or shapes differ from the saved ones."""
+    saved = {name: leaf for name, leaf in manifest["leaves"].items()
+             if name.startswith(prefix)}
+    wanted = {_path_name(path): tuple(leaf.shape) for path, leaf
+              in jax.tree_util.tree_leaves_with_path(target)}
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted)) if not prefix else []
+    shapes = [f"{name} saved {tuple(saved[name]['shape'])}, expected {shape}"
+              for name, shape in wanted.items()
+              if name in saved and tuple(saved[name]["shape"]) != shape]
+    if not (missing or unexpected or shapes):
+      return
+    problems = []
+    if shapes:
+      problems.append(f"{len(shapes)} leaves of another shape ({_listed(shapes, 3)})")
+    if missing:
+      problems.append(f"{len(missing)} leaves not in the checkpoint ({_listed(missing)})")
+    if unexpected:
+      problems.append(f"{len(unexpected)} saved leaves this run does not have "
+                      f"({_listed(unexpected)})")
+    raise CheckpointMismatchError(
+        f"Checkpoint {self._step_dir(step)} was saved by another model or kind of run: "
+        f"{'; '.join(problems)}. Resume it with the config it was saved with (stored in its "
+        "extra/ as 'config'), or give this run a new workdir (with trainer.init_from "
+        "pointing at that workdir to start from its weights when the model is the same).")
+
+  def _verify(self, step: int, manifest: dict[str, Any], tree: Any,
+              extra: Mapping[str, Any] | None = None) -> None:
+    """Recomputes the checksums of what was read; raises on any difference."""
+    saved = manifest["leaves"]
+    bad, unchecked = [], []
+    for name, leaf in _digest(tree).items():
+      if saved[name]["dtype"] != leaf["dtype"]:
+        unchecked.append(name)  # restored into another dtype: the bytes differ by design
+      elif saved[name]["checksum"] != leaf["checksum"]:
+        bad.append(name)
+    if extra is not None and _extra_sha256(extra) != manifest["extra_sha256"]:
+      bad.append(f"{_EXTRA}/ (the JSON extra: data position, config, ...)")
+    if unchecked:
+      logging.warning("Checkpoint %s: %d leaves restored into another dtype were not "
+                      "verified (%s).", self._step_dir(step), len(unchecked),
+                      _listed(unchecked))
+    if bad:
+      raise CorruptCheckpointError(
+          f"Checkpoint {self._step_dir(step)} is corrupt: {len(bad)} items read back differ "
+          f"from what was saved ({_listed(bad)}); its files changed after the save (a damaged "
+          f"disk or copy). Nothing was restored. {self._earlier(step)}")
+
   def restore(self, abstract_state: Any, step: int | None = None
               ) -> tuple[Any, dict[str, Any]] | None:
     """Restores ``(state, extra)``, resharded to ``abstract_state``'s shardings.
+
+    The checkpoint is verified against its checksum manifest (see the module
+    docstring) before it is returned.
 
     Args:
       abstract_state: pytree with the structure of the saved state whose
@@ -231,6 +459,10 @@ class Checkpointer:
     Raises:
       FileNotFoundError: ``step`` was given and has no finished checkpoint.
       ValueError: a leaf of ``abstract_state`` has no sharding.
+      CheckpointMismatchError: the saved leaves or shapes are not the
+        target's (another model or kind of run).
+      CorruptCheckpointError: files cannot be read or do not match their
+        checksums; the message names the earlier steps to resume from.
     """
     # A background save of the requested step must land before reading it.
     self.wait()
@@ -243,15 +475,24 @@ class Checkpointer:
           f"No finished checkpoint for step {step} in {self.directory}; "
           f"available steps: {self.all_steps()}.")
     target = jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_state)
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(target),
-            _EXTRA: ocp.args.JsonRestore(),
-        }))
+    manifest = self._manifest(step)
+    if manifest is not None:
+      self._check_target(step, manifest, target)
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(**{
+              _STATE: ocp.args.StandardRestore(target),
+              _EXTRA: ocp.args.JsonRestore(),
+          }))
+    except Exception as e:  # noqa: BLE001 - any read failure: name the files
+      raise self._unreadable(step, "the state", e) from e
+    state, extra = restored[_STATE], dict(restored[_EXTRA] or {})
+    if manifest is not None:
+      self._verify(step, manifest, state, extra)
     logging.info("Restored checkpoint for step %d from %s.", step,
                  self.directory)
-    return restored[_STATE], dict(restored[_EXTRA] or {})
+    return state, extra
 
   def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
     """Restores only ``state.params`` (e.g. to warm-start another run).
@@ -259,6 +500,7 @@ class Checkpointer:
     The optimizer state and extras of the saved run are not read, so a run
     with another optimizer or algorithm can start from these weights.
     ``abstract_params`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings.
+    The params are verified against the checkpoint's checksums.
     """
     self.wait()
     if step is None:
@@ -269,11 +511,17 @@ class Checkpointer:
           f"{self.directory}; available steps: {self.all_steps()}. Point init_from at "
           "the workdir of a run that saved one.")
     target = {"params": jax.tree_util.tree_map_with_path(_abstract_leaf, abstract_params)}
-    restored = ocp.PyTreeCheckpointer().restore(
-        self.directory / str(step) / _STATE,
-        args=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
+    manifest = self._manifest(step)
+    if manifest is not None:
+      self._check_target(step, manifest, target, prefix="params/")
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(
+          self._step_dir(step) / _STATE,
+          args=ocp.args.PyTreeRestore(
+              target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+    except Exception as e:  # noqa: BLE001 - any read failure: name the files
+      raise self._unreadable(step, "the params", e) from e
     # A partial restore hands back the target leaf where the checkpoint has none.
     missing = [jax.tree_util.keystr(path) for path, leaf
                in jax.tree_util.tree_leaves_with_path(restored["params"])
@@ -283,6 +531,8 @@ class Checkpointer:
           f"Checkpoint {self.directory / str(step)} has no saved state.params{missing[0]} "
           f"({len(missing)} of the requested params are missing): it was not saved from a "
           "train state with these params (another model or kind of run?).")
+    if manifest is not None:
+      self._verify(step, manifest, {"params": restored["params"]})
     logging.info("Restored params of step %d from %s.", step, self.directory)
     return restored["params"]
 
@@ -299,9 +549,18 @@ class Checkpointer:
       raise FileNotFoundError(
           f"No finished checkpoint{'' if step is None else f' for step {step}'} in "
           f"{self.directory}; available steps: {self.all_steps()}.")
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))
-    return dict(restored[_EXTRA] or {})
+    manifest = self._manifest(step)
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))
+    except Exception as e:  # noqa: BLE001 - any read failure: name the files
+      raise self._unreadable(step, f"the JSON {_EXTRA}/", e) from e
+    extra = dict(restored[_EXTRA] or {})
+    if manifest is not None and _extra_sha256(extra) != manifest["extra_sha256"]:
+      raise CorruptCheckpointError(
+          f"Checkpoint {self._step_dir(step)} is corrupt: its {_EXTRA}/ JSON differs from "
+          f"what was saved. {self._earlier(step)}")
+    return extra
 
   def wait(self) -> None:
     """Blocks until every started save is finished and visible."""

@@ -9,6 +9,8 @@ Library code never reads a ConfigDict.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from typing import Any, Optional, Union
@@ -50,6 +52,11 @@ class ModelSpec:
   attention_impl: str = "auto"
 
   def __post_init__(self):
+    from jaxrl_llm.models.config import DTYPES, dtype_name
+    for name in ("dtype", "param_dtype"):  # jnp.bfloat16 etc. are accepted as their names
+      object.__setattr__(self, name, dtype_name(getattr(self, name)))
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {tuple(DTYPES)}")
     if self.source not in MODEL_SOURCES:
       raise ValueError(f"model.source={self.source!r}; choose one of {MODEL_SOURCES}")
     if self.source == "builtin" and self.builtin not in BUILTIN_MODELS:
@@ -57,6 +64,10 @@ class ModelSpec:
     if self.source == "hf" and not self.path:
       raise ValueError("model.path is required when model.source='hf' (a directory with "
                        "config.json and *.safetensors)")
+    if self.source == "hf" and "://" in self.path:
+      raise ValueError(f"model.path={self.path!r}: HF checkpoints are read from local disk "
+                       "(safetensors maps the files); copy it first, e.g. `gsutil -m cp -r "
+                       f"{self.path} /tmp/model`, and pass the local directory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +79,19 @@ class RewardSpec:
   # "reward_model" component: the workdir of a finished kind="reward_model" run (its
   # checkpoint gives the params, its stored config the architecture and heads).
   reward_model_path: str = ""
+  # How its heads combine into the reward: "" keeps the run's reward_model.aggregation;
+  # else mean | worst_case | uncertainty_weighted (conservative ones resist over-optimisation).
+  reward_model_aggregation: str = ""
 
   def __post_init__(self):
     uses_rm = any(name == "reward_model" for name, _ in self.components)
+    aggregations = ("", "mean", "worst_case", "uncertainty_weighted")
+    if self.reward_model_aggregation not in aggregations:
+      raise ValueError(f"reward.reward_model_aggregation={self.reward_model_aggregation!r}; "
+                       f"choose one of {aggregations}")
+    if self.reward_model_aggregation and not uses_rm:
+      raise ValueError("reward.reward_model_aggregation is set but reward.components does not "
+                       "use a reward model: add ('reward_model', 1.0) or clear it")
     if uses_rm and not self.reward_model_path:
       raise ValueError("reward.components names 'reward_model' but reward.reward_model_path is "
                        "empty: set it to the workdir of a kind='reward_model' run")
@@ -89,6 +110,15 @@ class SFTWarmstart:
   num_steps: int = 0            # 0: no warm-start stage
   learning_rate: float = 3e-3
   batch_size: int = 64
+
+  def __post_init__(self):
+    if self.num_steps < 0:
+      raise ValueError(f"trainer.sft_warmstart.num_steps must be >= 0, got {self.num_steps}")
+    if not 0 < self.learning_rate < math.inf:
+      raise ValueError("trainer.sft_warmstart.learning_rate must be a finite number > 0, got "
+                       f"{self.learning_rate}")
+    if self.batch_size < 1:
+      raise ValueError(f"trainer.sft_warmstart.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +148,10 @@ class TrainerConfig:
   progress: bool = True
   sft_warmstart: SFTWarmstart = SFTWarmstart()
   split_mode: bool = False      # RL: rollout jit -> host rewards -> update jit
+  # Resume even when the workdir's checkpoint was saved under another kind, model, tokenizer
+  # or algorithm (see `resume_conflicts`); to start a new stage from a run's weights, give
+  # the new run its own workdir and set init_from instead.
+  allow_config_change: bool = False
 
   def __post_init__(self):
     if self.num_steps < 0:
@@ -175,6 +209,77 @@ class ExperimentConfig:
       raise ValueError("iterative.judge='self' scores with the policy, so the reward model of "
                        "reward.components is not used: set iterative.judge='reward' to judge "
                        "with it, or drop it from reward.components")
+    if self.model.source == "builtin":  # HF models: checked once config.json is read
+      check_sequence_lengths(self, BUILTIN_MODELS[self.model.builtin]["max_position_embeddings"],
+                             f"model.builtin={self.model.builtin!r}")
+
+
+def sequence_budgets(cfg: ExperimentConfig) -> list[tuple[str, int]]:
+  """The longest sequences a run builds, as (how, tokens), for its kind and evaluation."""
+  d = cfg.data
+  prompt = f"data.max_prompt_len={d.max_prompt_len}"
+  out = []
+  if cfg.kind == "sft" or (cfg.kind != "sft" and cfg.trainer.sft_warmstart.num_steps > 0):
+    out.append((f"data.seq_len={d.seq_len}", d.seq_len))
+  if cfg.kind == "rl":
+    out.append((f"{prompt} + rl.max_new_tokens={cfg.rl.max_new_tokens}",
+                d.max_prompt_len + cfg.rl.max_new_tokens))
+  if cfg.kind == "online_dpo":
+    out.append((f"{prompt} + online.max_new_tokens={cfg.online.max_new_tokens}",
+                d.max_prompt_len + cfg.online.max_new_tokens))
+  if cfg.kind == "iterative_dpo":
+    out.append((f"{prompt} + iterative.max_new_tokens={cfg.iterative.max_new_tokens}",
+                d.max_prompt_len + cfg.iterative.max_new_tokens))
+  if cfg.kind in ("dpo", "reward_model"):
+    out.append((f"{prompt} + data.max_completion_len={d.max_completion_len}",
+                d.max_prompt_len + d.max_completion_len))
+  if cfg.eval.num_examples > 0 and cfg.kind != "reward_model":
+    out.append((f"{prompt} + eval.max_new_tokens={cfg.eval.max_new_tokens}",
+                d.max_prompt_len + cfg.eval.max_new_tokens))
+  return out
+
+
+def check_sequence_lengths(cfg: ExperimentConfig, max_positions: int, model: str) -> None:
+  """Refuses sequences longer than the model's max_position_embeddings (RoPE was trained
+  on positions below it; the decoder would run past it without a word)."""
+  for how, length in sequence_budgets(cfg):
+    if length > max_positions:
+      raise ValueError(f"{how} gives sequences of {length} tokens, more than the "
+                       f"max_position_embeddings={max_positions} of {model}: lower these "
+                       "lengths to fit, or use a model with a longer context")
+
+
+# What a resumed checkpoint must share with the run resuming it: the kind, the model and
+# tokenizer, and the algorithm of the kind.
+RESUME_FIELDS = ("kind", "model.source", "model.builtin", "model.path", "data.tokenizer")
+RESUME_FIELDS_OF_KIND = {
+    "rl": ("rl.advantage", "rl.policy_loss", "rl.length_shaping"),
+    "dpo": ("preference.losses",),
+    "online_dpo": ("online.selection", "online.preference.losses"),
+    "iterative_dpo": ("iterative.judge", "iterative.preference.losses"),
+    "reward_model": ("reward_model.num_heads",),
+}
+
+
+def _dotted(tree: Any, name: str) -> Any:
+  for key in name.split("."):
+    if not isinstance(tree, dict) or key not in tree:
+      return "<not set>"
+    tree = tree[key]
+  return tree
+
+
+def resume_conflicts(saved: dict, cfg: ExperimentConfig) -> list[str]:
+  """How the config stored with a checkpoint (`to_dict` form) differs from `cfg` where a
+  resume needs them equal (`RESUME_FIELDS`), one "field: saved X, now Y" line each."""
+  now = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists, like the stored snapshot
+  names = RESUME_FIELDS + RESUME_FIELDS_OF_KIND.get(cfg.kind, ())
+  if cfg.model.source == "builtin":
+    names = tuple(n for n in names if n != "model.path")
+  else:
+    names = tuple(n for n in names if n != "model.builtin")
+  return [f"{name}: saved {_dotted(saved, name)!r}, now {_dotted(now, name)!r}"
+          for name in names if _dotted(saved, name) != _dotted(now, name)]
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +303,9 @@ def _convert(tp, value, path):
     if len(args) == 2 and args[1] is Ellipsis:
       return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
     return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+  if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if not math.isfinite(value):
+      raise ValueError(f"{path}={value!r} must be a finite number")
     return float(value)
   if tp is dict or origin is dict:
     return dict(_to_plain(value))
@@ -263,7 +370,26 @@ def default_configdict(rl_preset: Optional[str] = None, **overrides):
   tree["mesh"].pop("rules")  # the default rules; set mesh.rules to override
   for key, value in overrides.items():
     tree[key] = value
-  return ml_collections.ConfigDict(_tuples(tree))
+  return ml_collections.ConfigDict(_placeholders(ExperimentConfig, _tuples(tree)))
+
+
+def _placeholders(cls, tree: dict) -> dict:
+  """None fields become typed ml_collections placeholders, so a flag such as
+  --config.eval.temperature=0.7 can set them (ml_collections cannot type a bare None)."""
+  from ml_collections import config_dict
+  hints = typing.get_type_hints(cls)
+  out = dict(tree)
+  for f in dataclasses.fields(cls):
+    tp, value = hints[f.name], out.get(f.name)
+    if f.name not in out:
+      continue
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+      out[f.name] = _placeholders(tp, value)
+    elif value is None and typing.get_origin(tp) in (Union, types.UnionType):
+      args = [a for a in typing.get_args(tp) if a is not type(None)]
+      if len(args) == 1 and args[0] in (int, float, str, bool):
+        out[f.name] = config_dict.placeholder(args[0])
+  return out
 
 
 def use_builtin_task(c, source: str = "arithmetic", *, max_digits: int = 2,

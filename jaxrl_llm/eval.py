@@ -162,21 +162,18 @@ def answer_key(example: Mapping[str, Any], text: str, *,
 # ---------------------------------------------------------------------------
 # The evaluator.
 # ---------------------------------------------------------------------------
-def _row_keys(seed: int, repeat: int, problem_R: np.ndarray, sample_R: np.ndarray):
+def _row_keys(seed: int, repeat: jax.Array, problem_B: jax.Array, sample_B: jax.Array):
   """One key per row, from (seed, repeat, problem, sample) only."""
   base = jax.random.fold_in(jax.random.key(seed), repeat)
-  per_problem = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(problem_R))
-  return jax.vmap(jax.random.fold_in)(per_problem, jnp.asarray(sample_R))
+  per_problem = jax.vmap(lambda i: jax.random.fold_in(base, i))(problem_B)
+  return jax.vmap(jax.random.fold_in)(per_problem, sample_B)
 
 
-def _sample_rows(model_cfg, params, tokens_BP, mask_BP, keys_B, *, greedy, **kw):
+def _sample_rows(model_cfg, params, tokens_BP, mask_BP, problem_B, sample_B, repeat, *, seed,
+                 greedy, **kw):
   """`sample` with one key per row: rows are independent of their batch neighbours."""
-  def one(tokens_P, mask_P, key):
-    out = sample(model_cfg, params, tokens_P[None], mask_P[None], key, greedy=greedy, **kw)
-    return jax.tree.map(lambda x: x[0], out)
-  if greedy:  # no randomness: one batched call
-    return sample(model_cfg, params, tokens_BP, mask_BP, keys_B[0], greedy=True, **kw)
-  return jax.vmap(one)(tokens_BP, mask_BP, keys_B)
+  keys_B = _row_keys(seed, repeat, problem_B, sample_B)
+  return sample(model_cfg, params, tokens_BP, mask_BP, keys_B, greedy=greedy, **kw)
 
 
 class Evaluator:
@@ -224,10 +221,11 @@ class Evaluator:
     self.model_cfg = model_cfg.replace(dtype="float32") if eval_cfg.float32 else model_cfg
     common = dict(max_new_tokens=eval_cfg.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
                   pad_id=tokenizer.pad_id)
-    self._greedy = jax.jit(functools.partial(_sample_rows, self.model_cfg, greedy=True, **common))
+    self._greedy = jax.jit(functools.partial(_sample_rows, self.model_cfg, seed=eval_cfg.seed,
+                                             greedy=True, **common))
     self._sampled = jax.jit(functools.partial(
-        _sample_rows, self.model_cfg, greedy=False, temperature=self.temperature,
-        top_p=eval_cfg.top_p, **common))
+        _sample_rows, self.model_cfg, seed=eval_cfg.seed, greedy=False,
+        temperature=self.temperature, top_p=eval_cfg.top_p, **common))
 
   # -- generation ----------------------------------------------------------
   def _generate(self, params, problem_R: np.ndarray, sample_R: np.ndarray, repeat: int,
@@ -247,10 +245,15 @@ class Evaluator:
         ids = self.prompt_ids[problem_R[r]]
         tokens[j, self.P - len(ids):], mask[j, self.P - len(ids):] = ids, 1
       pad = bs - len(rows)
-      keys = _row_keys(self.cfg.seed, repeat, np.pad(problem_R[rows], (0, pad)),
-                       np.pad(sample_R[rows], (0, pad)))
-      dev = sharding.shard_batch({"t": tokens, "m": mask}, self.mesh)
-      out = sharding.to_host(gen(params, dev["t"], dev["m"], keys))
+      host = {"t": tokens, "m": mask,
+              "problem": np.pad(problem_R[rows], (0, pad)).astype(np.int32),
+              "sample": np.pad(sample_R[rows], (0, pad)).astype(np.int32)}
+      # Each process passes its own rows of the global batch (sharding.shard_batch).
+      n, p = jax.process_count(), jax.process_index()
+      local = {k: v[p * bs // n:(p + 1) * bs // n] for k, v in host.items()}
+      dev = sharding.shard_batch(local, self.mesh)
+      out = sharding.to_host(gen(params, dev["t"], dev["m"], dev["problem"], dev["sample"],
+                                 np.int32(repeat)))
       for j in range(len(rows)):
         n = int(out.lengths_B[j])
         ids = [int(t) for t in out.tokens_BL[j, :n]]

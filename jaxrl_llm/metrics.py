@@ -144,8 +144,20 @@ class _AppendFile:
   """A local file that grows by appending (the previous content is kept)."""
 
   def __init__(self, path: str):
+    self.path = path
     # Held open for the writer's lifetime; close() closes it.
     self._file = open(path, "ab")  # noqa: SIM115
+
+  def replace_content(self, data: bytes) -> None:
+    """Replaces what the file holds (atomically: a temporary file, then a rename)."""
+    self._file.close()
+    tmp = f"{self.path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+    self._file = open(self.path, "ab")  # noqa: SIM115
 
   def write(self, data: bytes) -> None:
     self._file.write(data)
@@ -215,6 +227,38 @@ def _event_record(step: int | None = None, values: Mapping[str, float] | None = 
   return _tfrecord(event.SerializeToString())
 
 
+def _purge_record(step: int) -> bytes:
+  """A TensorBoard restart marker: readers drop the events of steps >= `step` before it."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  event = event_pb2.Event(wall_time=time.time(), step=step,
+                          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+  return _tfrecord(event.SerializeToString())
+
+
+def _rows_up_to(text: str, step: int, path: str) -> tuple[str, int]:
+  """`text` (JSON lines) without the rows of steps > `step`; and how many were dropped.
+
+  An unfinished last line (a write cut short by a kill) is dropped and counted too.
+  """
+  kept, dropped = [], 0
+  lines = text.split("\n")
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      row_step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      if number == len(lines):  # no newline after it: a write cut short
+        dropped += 1
+        continue
+      raise ValueError(f"{path}:{number} is not a JSON metrics row: {e}") from e
+    if row_step > step:
+      dropped += 1
+    else:
+      kept.append(line + "\n")
+  return "".join(kept), dropped
+
+
 def _part_index(path: str) -> int | None:
   match = _PART_RE.match(os.path.basename(path))
   return int(match.group(1)) if match else None
@@ -233,10 +277,13 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, float]]:
 
   Reads `<workdir>/metrics.jsonl` (local runs) and then the part files
   `metrics-00000.jsonl`, `metrics-00001.jsonl`, ... (object-store runs) in
-  numeric order. A step re-run after a resume appears again, and one step can
-  have several rows (training metrics, evaluation): merge rows by "step" as
-  needed. A last line cut short by a crash (no newline at its end) is left
-  out with a warning; any other unreadable line raises ValueError.
+  numeric order. One step can have several rows (training metrics,
+  evaluation): merge rows by "step" as needed. A resumed run re-runs the
+  steps after its checkpoint; the trainer removes the rows of those steps
+  left by the interrupted process when it resumes (`MetricWriter.
+  discard_after`), so every step appears once. A last line cut short by a
+  crash (no newline at its end) is left out with a warning; any other
+  unreadable line raises ValueError.
   """
   rows = []
   for path in _jsonl_files(workdir):
@@ -275,8 +322,12 @@ class MetricWriter:
   Outputs under `workdir`:
     JSONL           one JSON object per `write`: {"step": s, name: v, ...}.
                     NaN and Inf are written as the NaN/Infinity literals that
-                    Python's json and pandas read back. A step re-run after a
-                    restart appears again. Read them with `read_metrics`.
+                    Python's json and pandas read back. Read them with
+                    `read_metrics`. A resumed run calls `discard_after(step)`
+                    with the restored checkpoint's step: the rows of later
+                    steps, logged by the interrupted process and about to be
+                    logged again, are removed (and counted), so no step is
+                    duplicated.
                     Local path: `metrics.jsonl`, appended to, so a resumed
                     run continues the file.
                     Object store: `metrics-00000.jsonl`, `metrics-00001.jsonl`,
@@ -293,11 +344,16 @@ class MetricWriter:
                     <pid>.<n>.00000`, ...), each rewritten at flush like the
                     JSONL parts. Point TensorBoard at the gs:// folder where
                     it can read GCS (TensorFlow installed), or copy it down
-                    (`gcloud storage rsync`).
+                    (`gcloud storage rsync`). `discard_after(step)` starts the
+                    new file with a restart marker (a SessionLog START at
+                    step + 1), on which TensorBoard drops the earlier files'
+                    events of the re-run steps.
     wandb_run_id.txt  with W&B: the run's id, so that a resumed run logs to
                     the same W&B run. W&B gets the step as the metric "step"
                     (the x-axis of every chart), so steps re-run after a
-                    resume are kept rather than refused as out of order.
+                    resume are kept rather than refused as out of order; W&B
+                    cannot delete logged rows, so there a re-run step shows
+                    twice.
 
   Args:
     workdir: run directory.
@@ -320,6 +376,7 @@ class MetricWriter:
     self._jsonl = None
     self._events = None
     self._wandb_run = None
+    self._written = False
     if not self.is_primary:
       return
     cfg = self.config
@@ -378,6 +435,7 @@ class MetricWriter:
       raise ValueError("metric name 'step' is reserved for the step number.")
     step = int(step)
     values = to_host(metrics)
+    self._written = True
     if self._jsonl is not None:
       self._jsonl.write((json.dumps({"step": step, **values}) + "\n").encode("utf-8"))
     if self._events is not None and values:
@@ -386,6 +444,36 @@ class MetricWriter:
       self._wandb_run.log({"step": step, **values})
     if self._clock() - self._last_flush >= self.config.flush_every_seconds:
       self.flush()
+
+  def discard_after(self, step: int) -> int:
+    """Removes the JSONL rows of steps > `step`; returns how many were removed.
+
+    For a run resumed from the checkpoint of `step`: the interrupted process
+    logged the steps after it, which the resumed run runs and logs again.
+    Call before the first `write`. Rows are removed from every JSONL file
+    (local: rewritten atomically; object stores: each part rewritten), and an
+    unfinished last line is removed too. TensorBoard gets a restart marker at
+    `step + 1` (see the class docstring); W&B keeps what it has.
+    """
+    if not self.is_primary:
+      return 0
+    if self._written:
+      raise RuntimeError("MetricWriter.discard_after must be called before the first write")
+    step = int(step)
+    dropped = 0
+    if self.config.jsonl:
+      for path in _jsonl_files(self.workdir):
+        kept, removed = _rows_up_to(fileio.read_text(path), step, path)
+        if not removed:
+          continue
+        dropped += removed
+        if isinstance(self._jsonl, _AppendFile) and self._jsonl.path == path:
+          self._jsonl.replace_content(kept.encode("utf-8"))
+        else:
+          fileio.write_text(path, kept)
+    if self._events is not None:
+      self._events.write(_purge_record(step + 1))
+    return dropped
 
   def flush(self) -> None:
     """Pushes buffered metrics to the workdir (a rewrite of the current part

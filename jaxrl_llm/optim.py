@@ -25,6 +25,7 @@ the update at step 0 of a warmed-up run is zero.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,16 @@ class OptimConfig:
   grad_clip_norm: float | None = 1.0
 
   def __post_init__(self):
+    for name in ("learning_rate", "end_lr_ratio", "b1", "b2", "eps", "weight_decay",
+                 "grad_clip_norm"):
+      value = getattr(self, name)
+      if value is None and name == "grad_clip_norm":
+        continue
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not math.isfinite(value)):
+        raise ValueError(
+            f"OptimConfig.{name}={value!r} must be a finite number (a NaN or Inf "
+            "hyper-parameter makes every update non-finite).")
     if self.schedule not in SCHEDULES:
       raise ValueError(
           f"OptimConfig.schedule={self.schedule!r} is not valid; choose one "

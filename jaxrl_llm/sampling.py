@@ -82,6 +82,7 @@ class DecodeContext(NamedTuple):
   row_B: jax.Array      # int32 [B]: each row's index in the output (stable under compaction)
   tokens_BL: jax.Array  # int32 [B, L]: each row's completion so far (pad_id from `step` on)
   live_B: jax.Array     # bool [B]: rows still generating (the others' logits are ignored)
+  num_rows: int         # rows of the output (static): row_B is in [0, num_rows)
 
 
 # logits_processor(logits_BV float32, ctx) -> logits_BV: jittable and pure. A
@@ -167,6 +168,9 @@ def force_lengths(lengths_B, eos_id: int) -> LogitsProcessor:
 
   def process(logits_BV, ctx):
     _check_vocab("force_lengths", np.asarray([eos_id]), logits_BV.shape[-1])
+    if lengths_B.shape[0] < ctx.num_rows:
+      raise ValueError(f"force_lengths: {lengths_B.shape[0]} lengths for {ctx.num_rows} rows; "
+                       "give one length per output row")
     last_B = jnp.maximum(lengths_B[ctx.row_B], 1) - 1
     early_B = ctx.step < last_B
     vocab_V = jnp.arange(logits_BV.shape[-1], dtype=jnp.int32)
@@ -286,7 +290,10 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
     prompt_tokens_BP: int prompts, left-padded (every row ends at column P-1);
       [R, P] with `group_size` G > 1 (then the output has R·G rows).
     prompt_mask_BP: 1 on real prompt tokens, 0 on left padding.
-    rng: a PRNG key; the same key gives the same samples.
+    rng: a PRNG key; the same key gives the same samples. Or one key per
+      output row, shape [B] (e.g. from the example's id, so that a row's
+      samples depend on nothing else); row i then uses rng[i] in place of
+      fold_in(rng, i).
     greedy: argmax decoding (temperature / top-k / top-p ignored).
     stop_tokens: ids that end a row (the stop token is part of the completion).
     cache_size: KV cache length; defaults to P + max_new_tokens.
@@ -328,7 +335,10 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
     cache = decoder.cache_expand(cache, G, cache_size)
     logits_RV = jnp.repeat(logits_RV, G, axis=0)
   prompt_len_B = jnp.repeat(prompt_len_R, G)
-  row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(B))
+  if rng.shape == (B,):  # the caller's own key per row
+    row_keys_B = rng
+  else:
+    row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(B))
 
   def choose(logits_bV, ctx):
     """(token_b, log p(token_b)); log p = logit[token] − logsumexp(logits), so no
@@ -351,7 +361,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
     step, row_b, done_b, logits_bV, cache, out = carry
     tokens_BL, logprobs_BL, lengths_B, finished_B = out
     live_b = ~done_b
-    ctx = DecodeContext(step, row_b, tokens_BL[row_b], live_b)
+    ctx = DecodeContext(step, row_b, tokens_BL[row_b], live_b, B)
     token_b, logp_b = choose(logits_bV, ctx)
     stop_b = live_b & jnp.any(token_b[:, None] == stop_ids[None, :], axis=1)
     write_b = jnp.where(live_b, row_b, B)  # index B is out of range: dropped

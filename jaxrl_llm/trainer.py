@@ -22,7 +22,8 @@ from absl import logging
 from jaxrl_llm import config as config_lib
 from jaxrl_llm import eval as eval_lib
 from jaxrl_llm import fileio, memory, optim, sharding
-from jaxrl_llm.checkpoint import Checkpointer, PreemptionGuard
+from jaxrl_llm.checkpoint import Checkpointer, NonFiniteStateError, PreemptionGuard
+from jaxrl_llm.data import tasks
 from jaxrl_llm.data.builders import load_split
 from jaxrl_llm.data.pipeline import DataIterator
 from jaxrl_llm.metrics import AsyncMetrics, MetricWriter, NonFiniteError, NonFiniteGuard, Progress
@@ -118,8 +119,10 @@ def make_evaluator(cfg: config_lib.ExperimentConfig, model_cfg, tokenizer, mesh,
   """The held-out evaluator of a run (`jaxrl_llm.eval.Evaluator`) on the test split."""
   examples = load_split(cfg.data, "test", workdir=workdir)
   n = min(len(examples), cfg.eval.num_examples)
+  # Built-in tasks are scored by their own verifier (as the in-graph `correct` reward).
+  task = {"task": cfg.data.source} if cfg.data.source in tasks.TASKS else {}
   return eval_lib.Evaluator(cfg.eval, cfg.data, model_cfg, tokenizer, mesh,
-                            examples=[examples[i] for i in range(n)],
+                            examples=[dict(examples[i], **task) for i in range(n)],
                             temperature=cfg.rl.temperature,
                             last_number_fallback=cfg.reward.math_last_number_fallback,
                             workdir=workdir, say=_say)
@@ -157,12 +160,44 @@ class Run:
 
 
 def _loop(r: Run) -> dict[str, float]:
+  """Train to cfg.trainer.num_steps, resuming from the workdir's latest checkpoint.
+
+  Reliability: a checkpoint is written only after the metrics up to its step
+  are flushed (periodic, preemption, non-finite stop and final saves alike);
+  a resumed run first removes the metric rows of the steps after its
+  checkpoint, which it runs again; a state with NaN/Inf values is never
+  saved (`Checkpointer.save`), so the newest checkpoint is always finite.
+  """
   cfg = r.cfg
   num_steps = cfg.trainer.num_steps
   ckpt = Checkpointer(r.workdir, cfg.checkpoint)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          r.state)
-  restored = ckpt.restore(abstract)
+
+  def check_resume():
+    """Refuses a checkpoint saved under another kind, model, tokenizer or algorithm."""
+    latest = ckpt.latest_step()
+    saved = None if latest is None else ckpt.restore_extra(latest).get("config")
+    conflicts = [] if saved is None else config_lib.resume_conflicts(saved, cfg)
+    if not conflicts:
+      return
+    listed = "\n  ".join(conflicts)
+    if cfg.trainer.allow_config_change:
+      _say(f"Resuming step {latest} of {ckpt.directory} under a changed config "
+           f"(trainer.allow_config_change=True):\n  {listed}")
+      return
+    raise ValueError(
+        f"The checkpoint of step {latest} in {ckpt.directory} was saved by a different run:"
+        f"\n  {listed}\nTo start a new stage from its weights, give this run a new --workdir "
+        f"and set trainer.init_from={r.workdir!r}; to resume it under this config anyway, set "
+        "trainer.allow_config_change=True.")
+
+  try:
+    check_resume()
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), r.state)
+    restored = ckpt.restore(abstract)
+  except BaseException:
+    ckpt.close()
+    raise
   state = r.state
   if restored is not None:
     state, extra = restored
@@ -170,6 +205,11 @@ def _loop(r: Run) -> dict[str, float]:
     _say(f"Resuming from step {int(state.step)} (checkpoint in {ckpt.directory})")
   step = int(state.step)
   writer = MetricWriter(r.workdir, cfg.metrics, run_config=config_lib.to_dict(cfg))
+  # Rows of steps this run logs (again): after the checkpoint, or all of a fresh start's.
+  dropped = writer.discard_after(step if restored is not None else -1)
+  if dropped:
+    _say(f"metrics: removed {dropped} rows of steps after {step} logged by the interrupted "
+         "run; those steps run again")
   rng = jax.random.key(cfg.seed)
   final: dict[str, float] = {}
   if step >= num_steps:
@@ -197,19 +237,40 @@ def _loop(r: Run) -> dict[str, float]:
     prev_step, host = item
     host["time/step_seconds"] = time.perf_counter() - handle.last_time
     handle.last_time = time.perf_counter()
+    finite = all(np.isfinite(v) for v in host.values())
+    if prev_step % cfg.trainer.log_every == 0 or prev_step == num_steps or not finite:
+      writer.write(prev_step, host)  # non-finite rows always: they say where it went wrong
     try:
       guard.check(host, step=prev_step)
     except NonFiniteError:
-      ckpt.save(int(state.step), state, extra=extra_fn(), force=True)
-      ckpt.wait()
-      _say(f"Stopped on non-finite metrics at step {prev_step}; the last good state is "
-           f"saved in {ckpt.directory}")
+      writer.flush()
+      try:
+        ckpt.save(int(state.step), state, extra=extra_fn(), force=True)
+        ckpt.wait()
+      except NonFiniteStateError:
+        pass  # the state diverged too: the newest checkpoint stays the last finite one
+      latest = ckpt.latest_step()
+      _say(f"Stopped on non-finite metrics at step {prev_step}; " + (
+          f"the last good state is step {latest} in {ckpt.directory}" if latest is not None
+          else "no finite state was saved"))
       raise
-    if prev_step % cfg.trainer.log_every == 0 or prev_step == num_steps:
-      writer.write(prev_step, host)
     if progress is not None:
       progress.update(prev_step, tokens=host.get(r.tokens_key, 0.0), metrics=host)
   handle.last_time = time.perf_counter()
+
+  def save(at_step: int) -> None:
+    """The metrics up to `at_step` reach the workdir, then its checkpoint is written."""
+    item = pending.flush()
+    if item is not None:
+      handle(item)
+    writer.flush()
+    try:
+      ckpt.save(at_step, state, extra=extra_fn(), force=True)
+    except NonFiniteStateError as e:
+      raise NonFiniteStateError(
+          f"{e} Training diverged before step {at_step} (see the non-finite metrics in "
+          f"{r.workdir}): lower optim.learning_rate or keep optim.grad_clip_norm on, then "
+          "rerun; the run resumes from that checkpoint.") from e
 
   try:
     while step < num_steps:
@@ -225,10 +286,10 @@ def _loop(r: Run) -> dict[str, float]:
         ev = r.evaluate(state.params, step)
         writer.write(step, ev)
         _say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
-      if ckpt.save(step, state, extra=extra_fn()):
-        writer.flush()  # the metrics up to a checkpoint reach the workdir with it
+      if ckpt.should_save(step):
+        save(step)
       if preempt.should_stop(step):
-        ckpt.save(step, state, extra=extra_fn(), force=True)
+        save(step)
         ckpt.wait()
         _say(f"Preempted: saved step {step} to {ckpt.directory}; rerun with the same "
              "--workdir to resume")
@@ -238,7 +299,7 @@ def _loop(r: Run) -> dict[str, float]:
       handle(item)
     if progress is not None:
       progress.close()
-    ckpt.save(step, state, extra=extra_fn(), force=True)
+    save(step)
     if r.evaluate is not None:
       final = r.evaluate(state.params, step)
       writer.write(step, final)
@@ -397,21 +458,25 @@ def run_reward_model(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str
                                 rules=cfg.mesh.rules)
   jitted = rm_lib.jit_reward_model_step(step, sh)
   it = DataIterator(cfg.data, "train", mode="preference", tokenizer=tok, workdir=workdir)
-  test_cfg = dataclasses.replace(cfg.data, batch_size=min(cfg.eval.batch_size,
-                                                          cfg.eval.num_examples or 1))
+  # Every held-out pair is scored: the batch is a multiple of the device count and the
+  # last one is padded with rows (prompt_id -1) that are left out of the metrics.
+  devices = jax.device_count()
+  eval_batch = -(-min(cfg.eval.batch_size, cfg.eval.num_examples or 1) // devices) * devices
+  test_cfg = dataclasses.replace(cfg.data, batch_size=eval_batch)
   test_examples = list(load_split(cfg.data, "test", workdir=workdir))[:cfg.eval.num_examples]
-  score = jax.jit(lambda params, b: step.pair_scores(params, b))
+  score = jax.jit(lambda params, b: tuple(
+      rm_lib.aggregate(x, rm.aggregation, lam=rm.lam) for x in step.pair_scores(params, b)))
 
   def evaluate(params, step=None):
     del step
     chosen, rejected = [], []
     for b in DataIterator(test_cfg, "test", mode="preference", tokenizer=tok,
-                          examples=test_examples, num_epochs=1, drop_remainder=True,
+                          examples=test_examples, num_epochs=1, drop_remainder=False,
                           shuffle=False):
-      c, r = score(params, sharding.shard_batch(b, mesh))
-      agg = lambda x: rm_lib.aggregate(x, rm.aggregation, lam=rm.lam)
-      chosen.append(np.asarray(agg(c)))
-      rejected.append(np.asarray(agg(r)))
+      global_b = sharding.shard_batch(b, mesh)
+      c, r, ids = sharding.to_host((*score(params, global_b), global_b["prompt_id"]))
+      chosen.append(np.asarray(c)[ids >= 0])
+      rejected.append(np.asarray(r)[ids >= 0])
     if not chosen:
       return {}
     c, r = np.concatenate(chosen), np.concatenate(rejected)
@@ -430,6 +495,8 @@ def restore_reward_model(cfg: config_lib.ExperimentConfig, tokenizer, mesh):
       cfg.reward.reward_model_path, mesh=mesh, rules=cfg.mesh.rules,
       tokenizer=cfg.data.tokenizer,
       model_config_fn=lambda spec: model_config(dataclasses.replace(cfg, model=spec), tokenizer))
+  if cfg.reward.reward_model_aggregation:
+    rm = dataclasses.replace(rm, aggregation=cfg.reward.reward_model_aggregation)
   _say(f"reward model: {rm.num_heads} head(s) ({rm.aggregation}), "
        f"{rm.model.num_params() / 1e6:.2f}M params, step {rm.step} of {rm.workdir}")
   return rm
@@ -501,6 +568,24 @@ def run(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
   if cfg.kind not in RUNNERS:
     raise ValueError(f"kind={cfg.kind!r} has no runner; choose one of {tuple(RUNNERS)}")
   fileio.makedirs(workdir)  # any path kind; names a missing package (gcsfs, ...)
+  mesh = sharding.make_mesh(cfg.mesh)
+  shards = sharding.batch_shards(mesh, cfg.mesh.rules)
+  if cfg.data.batch_size % shards:  # checked before any data is built or model compiled
+    raise ValueError(
+        f"data.batch_size={cfg.data.batch_size} does not split over the {shards} batch shards "
+        f"of the mesh {dict(mesh.shape)}: set data.batch_size to a multiple of {shards}, or "
+        "change mesh.shape")
+  hf_config_file = fileio.join(cfg.model.path, "config.json") if cfg.model.path else ""
+  if cfg.model.source == "hf" and fileio.exists(hf_config_file):
+    # Built-in models are checked when the config is built; HF ones once config.json is read.
+    from jaxrl_llm.models import hf
+    try:
+      hf_config = json.loads(fileio.read_text(hf_config_file))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{hf_config_file} is not valid JSON ({e}): the checkpoint at "
+                       "model.path is damaged or incomplete; download or copy it again") from e
+    max_positions = hf.config_from_hf(hf_config).max_position_embeddings
+    config_lib.check_sequence_lengths(cfg, max_positions, f"model.path={cfg.model.path!r}")
   if _GUARD is not None:  # a nested stage (e.g. the SFT warm-start) of an outer run
     return RUNNERS[cfg.kind](cfg, workdir)
   # SIGTERM from here on is handled at the next safe point: save, then exit cleanly.

@@ -12,6 +12,9 @@ launch/tpu_pod.sh, launch/slurm_gpu.sbatch, launch/local_multiprocess.py).
 This file is intentionally short: everything lives in the library.
 """
 
+import re
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -50,10 +53,38 @@ def _prepare_data_once(cfg, workdir):
   from jaxrl_llm.data import builders
   data = dataclasses.replace(cfg.data, data_dir=builders.resolve_data_dir(cfg.data, workdir))
   evaluates = cfg.data.kind == "prompt" and cfg.eval.num_examples > 0  # as trainer._common
-  if jax.process_index() == 0:
+  # A remote workdir builds into a per-process local cache (builders.resolve_data_dir):
+  # then every process builds its own copy.
+  per_process = "://" in str(workdir) and not cfg.data.data_dir
+  if jax.process_index() == 0 or per_process:
     builders.prepare(data, ("train", "test") if evaluates else ("train",), workdir=workdir)
   multihost_utils.sync_global_devices("jaxrl_llm: datasets prepared")
   return dataclasses.replace(cfg, data=data)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing; a mistyped --config.<field> is named with the fix, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on "
+             "flags.")
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these (wrapping each other) for an override of a field the
+    # config does not have: "'grup_size'\nDid you mean "group_size" instead of ...?"
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:
+      detail = detail.args[0]
+    detail = str(detail)
+    key = re.match(r"'([^']*)'", detail)
+    hint = re.search(r"Did you mean \S+", detail)
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [o for o in overrides if key and key.group(1) in o.split(".")]
+    flag = named[0] if named else " / ".join(overrides) or "--config"
+    sys.exit(f"{flag}: the config has no field {key.group(1) if key else detail!r}"
+             f"{' (' + hint.group(0) + '?)' if hint else ''}. Fix the dotted name: the fields "
+             "of each section are those of its dataclass (ModelSpec, DataConfig, RLConfig, ... "
+             "see jaxrl_llm/config.py).")
 
 
 def main(argv):
@@ -65,7 +96,10 @@ def main(argv):
   _maybe_init_distributed()
   from jaxrl_llm import config as config_lib
   from jaxrl_llm import trainer
-  cfg = config_lib.from_configdict(_CONFIG.value)
+  try:
+    cfg = config_lib.from_configdict(_CONFIG.value)
+  except ValueError as e:  # the message names the field and the valid values
+    sys.exit(f"Invalid config: {e}")
   import jax
   if jax.process_count() > 1:
     cfg = _prepare_data_once(cfg, _WORKDIR.value)
@@ -73,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

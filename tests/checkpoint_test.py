@@ -272,3 +272,89 @@ def test_preemption_guard_multihost_agreement(monkeypatch):
 def test_preemption_guard_invalid_sync():
   with pytest.raises(ValueError, match="sync_every_steps"):
     checkpoint.PreemptionGuard(sync_every_steps=0)
+
+
+def _largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
+  """The biggest file of a step's array data (orbax OCDBT chunks under state/)."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()
+           and "/d/" in p.as_posix()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _big_state(value=0.0):
+  return {"params": {"w": jnp.arange(4096, dtype=jnp.float32) * 1e-3 + value},
+          "step": jnp.asarray(3, jnp.int32)}
+
+
+def test_flipped_byte_or_edited_extra_is_refused_not_restored(tmp_path):
+  # Orbax restores a data file with a flipped byte silently into other numbers; the
+  # checksum manifest catches it and names the step, the leaf and the earlier steps.
+  with checkpoint.Checkpointer(tmp_path, _sync_cfg()) as ckpt:
+    ckpt.save(1, _big_state(1.0), extra={"data": 1})
+    ckpt.save(2, _big_state(2.0), extra={"data": 2})
+  target = _abstract(_big_state(), _replicated())
+  data_file = _largest_array_file(tmp_path / "checkpoints" / "2")
+  raw = bytearray(data_file.read_bytes())
+  raw[len(raw) // 2] ^= 0x01
+  data_file.write_bytes(bytes(raw))
+  with checkpoint.Checkpointer(tmp_path, _sync_cfg()) as ckpt:
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"checkpoints/2 is corrupt: .*params/w.*steps \[1\].*resume "
+                             r"from step 1"):
+      ckpt.restore(target)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="params/w"):
+      ckpt.restore_params(target["params"], step=2)
+    # The earlier step still restores, verified.
+    state, extra = ckpt.restore(target, step=1)
+    assert extra == {"data": 1}
+    np.testing.assert_array_equal(state["params"]["w"], _big_state(1.0)["params"]["w"])
+  # Valid JSON with another value (a data position) is caught too.
+  extra_file = tmp_path / "checkpoints" / "1" / "extra" / "metadata"
+  extra_file.write_text(extra_file.read_text().replace("1", "7"))
+  with checkpoint.Checkpointer(tmp_path, _sync_cfg()) as ckpt:
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"extra/"):
+      ckpt.restore(target, step=1)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"extra/ JSON differs"):
+      ckpt.restore_extra(step=1)
+
+
+def test_truncated_array_file_names_the_file_and_the_fix(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, _sync_cfg()) as ckpt:
+    ckpt.save(1, _big_state(1.0))
+  data_file = _largest_array_file(tmp_path / "checkpoints" / "1")
+  data_file.write_bytes(data_file.read_bytes()[:100])
+  with checkpoint.Checkpointer(tmp_path, _sync_cfg()) as ckpt:
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"(?s)Cannot read the state of checkpoint .*checkpoints/1: .*"
+                             r"damaged or incomplete.*No earlier checkpoint"):
+      ckpt.restore(_abstract(_big_state(), _replicated()))
+
+
+def test_non_finite_state_is_never_saved_nor_rotates_out_the_last_finite_one(tmp_path):
+  cfg = _sync_cfg(max_to_keep=1)
+  with checkpoint.Checkpointer(tmp_path, cfg) as ckpt:
+    assert ckpt.save(1, _state(1.0))
+    diverged = _state(2.0)
+    diverged["params"]["norm"] = diverged["params"]["norm"].at[1].set(jnp.inf)
+    for step in (2, 3):  # periodic and forced saves alike
+      with pytest.raises(checkpoint.NonFiniteStateError,
+                         match=r"Not saving step \d: .*params/norm.*stays step 1"):
+        ckpt.save(step, diverged, force=step == 3)
+    assert ckpt.all_steps() == [1]
+    state, _ = ckpt.restore(_abstract(_state(), _replicated()))
+  np.testing.assert_array_equal(state["params"]["w"], _state(1.0)["params"]["w"])
+
+
+def test_restoring_into_another_model_shape_names_the_leaves(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, _sync_cfg()) as ckpt:
+    ckpt.save(1, _state())
+    other = {"params": {"w": jnp.zeros((8, 6)), "norm": jnp.ones((3,)),
+                        "extra_head": jnp.ones((2,))},
+             "step": jnp.asarray(0, jnp.int32)}
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=r"another model or kind of run: 1 leaves of another shape "
+                             r"\(params/w saved \(8, 4\), expected \(8, 6\)\); 1 leaves not "
+                             r"in the checkpoint \(params/extra_head\).*trainer.init_from"):
+      ckpt.restore(_abstract(other, _replicated()))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="params/w saved"):
+      ckpt.restore_params(_abstract(other["params"], _replicated()))

@@ -7,8 +7,9 @@ TENSORSTORE_GCS_HTTP_URL, so these tests run the same code as a real bucket:
 fileio, MetricWriter (JSONL parts, TensorBoard event files), orbax checkpoints
 (keep-N rotation, async saves, restore) and a short trainer run that resumes.
 
-Not covered here: the TFDS data build (array_record writes only to local
-files, so the trainer test keeps data.data_dir local); several processes
+The TFDS data build of a remote workdir goes to a local per-process cache
+(`builders.resolve_data_dir`; array_record writes only local files): the
+trainer test checks that it lands there. Not covered here: several processes
 writing one gs:// checkpoint (the emulator ignores generation preconditions);
 real GCS credentials, consistency and latency.
 """
@@ -267,14 +268,12 @@ def test_checkpointer_on_gcs_rotates_restores_and_resumes(gs_workdir):
 # ---------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------
-def _tiny_sft(num_steps: int, data_dir: str):
+def _tiny_sft(num_steps: int):
   c = config_lib.default_configdict(kind="sft")
   c.model.builtin = "nano"
   c.data.num_train, c.data.num_test = 64, 8
   c.data.batch_size, c.data.seq_len = 8, 32
   c.data.max_prompt_len, c.data.max_answer_len = 12, 6
-  # TFDS writes array_record files only to local paths.
-  c.data.data_dir = data_dir
   c.eval.num_examples, c.eval.max_new_tokens = 8, 4
   c.checkpoint.save_interval_steps = 2
   c.checkpoint.async_save = False
@@ -284,9 +283,11 @@ def _tiny_sft(num_steps: int, data_dir: str):
   return config_lib.from_configdict(c)
 
 
-def test_trainer_sft_on_gcs_writes_there_and_resumes(gs_workdir, tmp_path, capsys):
-  data_dir = str(tmp_path / "tfds")
-  trainer.run(_tiny_sft(2, data_dir), gs_workdir)
+def test_trainer_sft_on_gcs_writes_there_and_resumes(gs_workdir, tmp_path, capsys,
+                                                     monkeypatch):
+  monkeypatch.setenv("JAXRL_LLM_DATA_CACHE", str(tmp_path / "cache"))
+  trainer.run(_tiny_sft(2), gs_workdir)
+  assert list((tmp_path / "cache").glob("*/process_0/*"))  # the data build stayed local
   rows = metrics_lib.read_metrics(gs_workdir)
   assert {1, 2} <= {r["step"] for r in rows if "loss/nll" in r}
   assert any("eval/accuracy" in r for r in rows if r["step"] == 0)
@@ -296,10 +297,27 @@ def test_trainer_sft_on_gcs_writes_there_and_resumes(gs_workdir, tmp_path, capsy
   assert Checkpointer(gs_workdir, create=False).all_steps() == [2]
   assert not os.path.exists("gs:")  # nothing landed in a local folder named after the URL
 
-  trainer.run(_tiny_sft(3, data_dir), gs_workdir)
+  trainer.run(_tiny_sft(3), gs_workdir)
   out = capsys.readouterr().out
   assert "Resuming from step 2" in out
   assert "held-out metric" in out  # the summary table read eval_start.json back
   rows = metrics_lib.read_metrics(gs_workdir)
   assert 3 in {r["step"] for r in rows if "loss/nll" in r}
   assert Checkpointer(gs_workdir, create=False).latest_step() == 3
+
+
+def test_jsonl_data_files_on_gcs(gs_workdir, tmp_path):
+  """data.path on gs:// (GSM8K-format JSONL): read through epath, built into a local dir."""
+  from jaxrl_llm.data import builders, pipeline
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gsm8k")
+  for split in ("train", "test"):
+    with open(os.path.join(root, f"{split}.jsonl")) as f:
+      fileio.write_text(fileio.join(gs_workdir, "data", f"{split}.jsonl"), f.read())
+  data = pipeline.DataConfig(source="jsonl", path=fileio.join(gs_workdir, "data", "{split}.jsonl"),
+                             field_map=(("prompt", "question"), ("answer", "answer")),
+                             data_dir=str(tmp_path / "tfds"))
+  examples = builders.load_split(data, "test")
+  with open(os.path.join(root, "test.jsonl")) as f:
+    expected = [json.loads(line) for line in f]
+  assert [e["prompt"] for e in examples] == [e["question"] for e in expected]
+  assert [e["answer"] for e in examples] == [e["answer"] for e in expected]

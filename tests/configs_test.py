@@ -69,6 +69,8 @@ def _smoke(c, hf_dir, recipe=""):
   elif c.data.source in FILE_DATA:
     c.data.path = os.path.join(FIXTURES, RECIPE_DATA.get(recipe, FILE_DATA[c.data.source]))
     c.data.max_prompt_len = max(c.data.max_prompt_len, 512)
+    if c.kind == "sft":
+      c.data.seq_len = 256  # one fixture example (134-234 tokens) per packed row: 8 rows
   c.rl.max_new_tokens = min(c.rl.max_new_tokens, 8)
   c.rl.overlong_cache_len = min(c.rl.overlong_cache_len, 4)
   c.online.max_new_tokens = min(c.online.max_new_tokens, 4)
@@ -82,9 +84,31 @@ def _cases():
           f"[{arg}]" if arg else ""))
 
 
+@pytest.fixture(scope="module")
+def rm_workdir(tmp_path_factory, hf_instruct):
+  """A reward model run (configs/reward_model_arithmetic.py, smoke sizes) for recipes using one."""
+  workdir = os.fspath(tmp_path_factory.mktemp("rm") / "run")
+  c = _smoke(load_config_file(os.path.join(ROOT, "configs", "reward_model_arithmetic.py")),
+             hf_instruct)
+  trainer.run(config_lib.from_configdict(c), workdir)
+  return workdir
+
+
+def _use_reward_model(c, rm_dir):
+  """Point a recipe's reward-model paths (and paths inside that run) at `rm_dir`."""
+  old = c.reward.reward_model_path
+  c.reward.reward_model_path = rm_dir
+  for section, field in (("trainer", "init_from"), ("online", "reference_from")):
+    value = getattr(c[section], field, "")
+    if value and value.startswith(old):
+      setattr(c[section], field, rm_dir + value[len(old):])
+
+
 @pytest.mark.parametrize("path,arg", list(_cases()))
-def test_recipe_runs_two_steps(path, arg, hf_instruct, tmp_path):
+def test_recipe_runs_two_steps(path, arg, hf_instruct, tmp_path, request):
   c = _smoke(load_config_file(path, arg), hf_instruct, os.path.basename(path))
+  if c.reward.reward_model_path:
+    _use_reward_model(c, request.getfixturevalue("rm_workdir"))
   cfg = config_lib.from_configdict(c)
   workdir = os.fspath(tmp_path / "run")
   final = trainer.run(cfg, workdir)

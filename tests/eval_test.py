@@ -157,3 +157,22 @@ def test_launch_eval_missing_checkpoint_names_the_fix(tmp_path):
   cfg = config_lib.from_configdict(c)
   with pytest.raises(FileNotFoundError, match="--hf_path"):
     eval_lib.evaluate_run(cfg, os.fspath(tmp_path), say=lambda m: None)
+
+
+def test_trainer_evaluator_scores_builtin_tasks_with_their_verifier(tmp_path):
+  """load_split's records carry no task name; the trainer's evaluator adds it."""
+  from jaxrl_llm import trainer
+  for source in ("arithmetic", "countdown"):
+    c = config_lib.use_builtin_task(config_lib.default_configdict(), source, num_train=20,
+                                    num_test=6)
+    c.model.builtin = "nano"
+    c.data.max_prompt_len, c.data.max_answer_len = 32, 16
+    if source == "countdown":
+      c.data.task_options = ()
+    cfg = config_lib.from_configdict(c)
+    tok = load_tokenizer("builtin")
+    ev = trainer.make_evaluator(cfg, trainer.model_config(cfg, tok), tok,
+                                sharding.make_mesh(cfg.mesh), str(tmp_path / source))
+    assert ev.examples and all(ex["task"] == source for ex in ev.examples)
+    if source == "arithmetic":
+      assert all(eval_lib.is_correct(ex, ex["answer"], True) for ex in ev.examples)

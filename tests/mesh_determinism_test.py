@@ -108,12 +108,9 @@ def runs(tmp_path_factory):
   procs = {
       "1x1": _popen([sys.executable, TRAIN, *ARGS, f"--workdir={tmp / 'd1'}"], _env(1)),
       "1x8": _popen([sys.executable, TRAIN, *ARGS, f"--workdir={tmp / 'd8'}"], _env(8)),
-      # eval.num_samples=0 here: jaxrl_llm.eval's sampled evaluation does not run on several
-      # processes yet (each process passes the whole batch to shard_batch as its own rows,
-      # so the row keys have half the global rows). Greedy evaluation is compared.
       "2x4": _popen([sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=4",
                      f"--log_dir={tmp / 'logs'}", f"--timeout={TIMEOUT - 20}", "--", *ARGS,
-                     "--config.eval.num_samples=0", f"--workdir={tmp / 'p2'}"], _env()),
+                     f"--workdir={tmp / 'p2'}"], _env()),
   }
   out = {}
   try:

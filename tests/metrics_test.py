@@ -374,3 +374,42 @@ def test_progress_non_primary_is_silent():
   clock.now += 100
   progress.update(2)
   assert not lines
+
+
+def test_discard_after_removes_the_rows_a_resumed_run_logs_again(tmp_path):
+  # The interrupted process logged steps 1..5 (the last line cut short by the kill) and
+  # its newest checkpoint is step 3: the resumed run re-runs and re-logs steps 4 and 5.
+  with metrics_lib.MetricWriter(tmp_path, is_primary=True) as writer:
+    for step in range(1, 6):
+      writer.write(step, {"loss/nll": float(step)})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "loss/n')
+  (tmp_path / "metrics-00000.jsonl").write_text('{"step": 2, "a": 1}\n{"step": 5, "a": 1}\n')
+  with metrics_lib.MetricWriter(tmp_path, is_primary=True) as writer:
+    assert writer.discard_after(3) == 4  # steps 4, 5, the cut line, and the part's step 5
+    for step in (4, 5):
+      writer.write(step, {"loss/nll": 10.0 * step})
+    with pytest.raises(RuntimeError, match="before the first write"):
+      writer.discard_after(3)
+  rows = metrics_lib.read_metrics(tmp_path)
+  assert [(r["step"], r.get("loss/nll")) for r in rows] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (2, None)]
+  # The new event file starts with TensorBoard's restart marker (after the version record):
+  # a SessionLog START at step 4, on which TensorBoard drops the older events of steps >= 4.
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  newest = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))[-1]
+  events = _file_events(newest)
+  assert events[1].step == 4
+  assert events[1].session_log.status == event_pb2.SessionLog.START
+  assert [e.step for e in events[2:]] == [4, 5]
+
+
+def _file_events(path: pathlib.Path) -> list:
+  """The events of one TFRecord event file (u64 length, crc, payload, crc)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  data, pos, events = path.read_bytes(), 0, []
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+    pos += 16 + length
+  return events

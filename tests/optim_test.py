@@ -159,6 +159,14 @@ def test_invalid_config(kwargs, field):
     optim.OptimConfig(**kwargs)
 
 
+@pytest.mark.parametrize("field", ["learning_rate", "eps", "weight_decay", "grad_clip_norm"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_hyper_parameters_are_refused(field, value):
+  # learning_rate=inf passed `> 0` and trained to non-finite parameters.
+  with pytest.raises(ValueError, match=f"OptimConfig.{field}=.*must be a finite number"):
+    optim.OptimConfig(**{field: value})
+
+
 def test_invalid_schedule_lists_choices():
   with pytest.raises(ValueError, match=r"constant.*cosine.*linear"):
     optim.OptimConfig(schedule="step")

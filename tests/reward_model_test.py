@@ -1,4 +1,5 @@
 """Reward models: readout, ensembles, sharding, in-graph use, Bradley–Terry training."""
+import dataclasses
 import functools
 
 import jax
@@ -224,6 +225,10 @@ def test_rl_with_a_reward_model_reward_from_a_config(tmp_path):
   rm = trainer.restore_reward_model(cfg, TOK, mesh)
   assert (rm.num_heads, rm.aggregation, rm.step) == (2, "worst_case", 2)
   assert rm.params["head"].shape == (rm.model.hidden_size, 2)
+  conservative = dataclasses.replace(cfg, reward=dataclasses.replace(
+      cfg.reward, reward_model_aggregation="uncertainty_weighted"))
+  assert trainer.restore_reward_model(conservative, TOK, mesh).aggregation == (
+      "uncertainty_weighted")
   saved = Checkpointer(str(rm_dir), create=False).restore_params(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), rm.params))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved), jax.device_get(rm.params))
@@ -254,6 +259,11 @@ def test_reward_model_component_and_model_must_come_together():
   c.trainer.split_mode = True
   with pytest.raises(ValueError, match="split_mode=False"):
     config_lib.from_configdict(c)
+  c.trainer.split_mode = False
+  c.reward.reward_model_aggregation = "median"
+  with pytest.raises(ValueError, match="reward_model_aggregation='median'"):
+    config_lib.from_configdict(c)
+  c.reward.reward_model_aggregation = ""
   c.reward.components = (("correct", 1.0),)
   with pytest.raises(ValueError, match="does not use it"):
     config_lib.from_configdict(c)

@@ -272,6 +272,21 @@ def test_engine_argument_errors():
            logits_processor=sampling.ban_tokens([CFG.vocab_size]))
   with pytest.raises(ValueError, match=">= 0"):
     sampling.ban_tokens([-1])
+  with pytest.raises(ValueError, match="one length per output row"):
+    sample(CFG, PARAMS, toks, mask, jax.random.key(0), max_new_tokens=2, group_size=2,
+           logits_processor=sampling.force_lengths([2, 2, 2], EOS_ID))
   assert sampling.bucket_sizes(512, 64) == (512, 256, 128, 64)
   assert sampling.bucket_sizes(24, 4) == (24, 12, 6)
   assert sampling.bucket_sizes(512, 0) == (512,)
+
+
+def test_per_row_keys_make_a_row_independent_of_its_batch():
+  """rng of shape [B]: row i's samples depend on rng[i] only (what evaluation relies on)."""
+  toks, mask = _prompts()
+  toks4, mask4 = jnp.concatenate([toks, toks[::-1]]), jnp.concatenate([mask, mask[::-1]])
+  keys = jax.random.split(jax.random.key(7), 4)
+  full = sample(CFG, PARAMS, toks4, mask4, keys, max_new_tokens=6, temperature=1.5)
+  part = sample(CFG, PARAMS, toks4[2:], mask4[2:], keys[2:], max_new_tokens=6, temperature=1.5)
+  _assert_same_samples(jax.tree.map(lambda x: x[2:], full), part)
+  default = sample(CFG, PARAMS, toks4, mask4, keys[0], max_new_tokens=6, temperature=1.5)
+  assert not np.array_equal(default.tokens_BL, full.tokens_BL)

@@ -449,14 +449,20 @@ def _read_parquet(path: epath.Path, kind: str,
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError("reading Parquet files needs pyarrow: pip install pyarrow") from e
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
   with path.open("rb") as f:
-    parquet = pq.ParquetFile(f)
-    columns = _columns(parquet.schema_arrow.names, kind, field_map, str(path))
-    index = 0
-    for batch in parquet.iter_batches(columns=columns):
-      for record in batch.to_pylist():
-        yield index, map_fields(record, kind, field_map, f"{path} row {index}")
-        index += 1
+    try:  # a damaged file fails on open or on any batch: name it
+      parquet = pq.ParquetFile(f)
+      columns = _columns(parquet.schema_arrow.names, kind, field_map, str(path))
+      index = 0
+      for batch in parquet.iter_batches(columns=columns):
+        for record in batch.to_pylist():
+          yield index, map_fields(record, kind, field_map, f"{path} row {index}")
+          index += 1
+    except pa.ArrowException as e:
+      raise ValueError(f"{path} is not a readable Parquet file ({e}): it is damaged or "
+                       "incomplete (an interrupted download or copy?); write or copy it "
+                       "again") from e
 
 
 def _columns(names: Sequence[str], kind: str, field_map: Mapping[str, str],
@@ -663,7 +669,13 @@ with _tfds_registered.skip_registration():
     def _generate_examples(self, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
       config = self.builder_config
       reader = _READERS[config._file_format(path)]  # pylint: disable=protected-access
-      yield from reader(epath.Path(path), config.kind, dict(config.field_map))
+      count = 0
+      for item in reader(epath.Path(path), config.kind, dict(config.field_map)):
+        count += 1
+        yield item
+      if not count:  # else TFDS fails with "No examples were yielded", naming no file
+        raise ValueError(f"{path} holds no examples: fill it, or point data.path at the "
+                         "right file")
 
 
 # ---------------------------------------------------------------------------
@@ -742,10 +754,23 @@ def resolve_data_dir(spec: Any, workdir: str | os.PathLike[str] | None = None) -
   `spec.data_dir` when set; otherwise `<workdir>/tensorflow_datasets` for
   datasets built here, and TFDS's default (`$TFDS_DATA_DIR`, else
   ~/tensorflow_datasets) when no workdir is given or for catalog datasets.
+
+  With a remote workdir (gs://, ...) the datasets built here go to a local
+  cache instead, `$JAXRL_LLM_DATA_CACHE` (default
+  ~/.cache/jaxrl_llm/tensorflow_datasets) / <digest of the workdir>: their
+  array_record files can only be written locally. The build is deterministic
+  from the config, so every process builds its own identical copy (in its own
+  `process_<i>` folder: processes of one host never race on a build).
   """
   if getattr(spec, "data_dir", None):
     return os.fspath(spec.data_dir)
   if spec.source != "tfds" and workdir is not None:
+    if "://" in os.fspath(workdir):
+      cache = os.environ.get("JAXRL_LLM_DATA_CACHE") or os.path.join(
+          os.path.expanduser("~"), ".cache", "jaxrl_llm", "tensorflow_datasets")
+      import jax  # pylint: disable=import-outside-toplevel
+      return os.path.join(cache, _digest(os.fspath(workdir), 12),
+                          f"process_{jax.process_index()}")
     return os.fspath(epath.Path(workdir) / "tensorflow_datasets")
   return None
 

@@ -13,6 +13,18 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
+def dtype_name(dtype) -> str:
+  """A dtype given as a string or a JAX / NumPy dtype object (`jnp.bfloat16`,
+  `np.float32`, `np.dtype("float16")`) as its name ("bfloat16", ...); anything
+  else is returned unchanged, for the caller's validation to name."""
+  if isinstance(dtype, str):
+    return dtype
+  try:
+    return jnp.dtype(dtype).name
+  except TypeError:
+    return dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama-3 style frequency-dependent RoPE scaling ("llama3" rope_type).
@@ -68,6 +80,8 @@ class ModelConfig:
     def _check(cond, msg):
       if not cond:
         raise ValueError(f"ModelConfig: {msg}")
+    for name in ("dtype", "param_dtype"):  # jnp.bfloat16 etc. are accepted as their names
+      object.__setattr__(self, name, dtype_name(getattr(self, name)))
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                  "num_kv_heads", "intermediate_size"):
       value = getattr(self, name)

@@ -29,6 +29,7 @@ H head dim, F MLP hidden size, V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,10 +44,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxrl_llm.models.config import ModelConfig, RopeScaling
+from jaxrl_llm.models.config import ModelConfig, RopeScaling, dtype_name
 from jaxrl_llm.models.decoder import Params, param_table
 
 PathLike = str | os.PathLike
@@ -403,9 +404,26 @@ def _tensor_specs(cfg: ModelConfig) -> list[_TensorSpec]:
 # ---------------------------------------------------------------------------
 # Loading.
 # ---------------------------------------------------------------------------
+_DAMAGED = ("it is damaged or incomplete (an interrupted download or copy?): download or copy "
+            "the checkpoint again")
+
+
 def _read_json(path: Path) -> dict:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); {_DAMAGED}") from e
+
+
+@contextlib.contextmanager
+def _safe_open(file: Path):
+  """`safe_open(file)` for numpy; a damaged file raises a ValueError naming it."""
+  try:
+    with safe_open(file, framework="np") as f:
+      yield f
+  except SafetensorError as e:
+    raise ValueError(f"{file} is not a readable safetensors file ({e}); {_DAMAGED}") from e
 
 
 def _tensor_locations(path: Path) -> dict[str, Path]:
@@ -422,7 +440,7 @@ def _tensor_locations(path: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"Shard {shard} listed in {index_file} does not exist")
     return locations
   if single_file.is_file():
-    with safe_open(single_file, framework="np") as f:
+    with _safe_open(single_file) as f:
       names = f.keys()
     return {name: single_file for name in names}
   pickles = sorted(p.name for p in path.glob("*.bin"))
@@ -440,7 +458,7 @@ def _tensor_shapes(locations: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     by_file.setdefault(file, []).append(name)
   shapes = {}
   for file, names in by_file.items():
-    with safe_open(file, framework="np") as f:
+    with _safe_open(file) as f:
       present = set(f.keys())
       for name in names:
         if name not in present:
@@ -507,7 +525,7 @@ def load_hf(path: PathLike, dtype: str = "float32", *, param_dtype: str | None =
     path: directory with config.json and model.safetensors, or sharded
       model-*.safetensors with model.safetensors.index.json.
     dtype: compute dtype of the returned config ("float32", "bfloat16",
-      "float16").
+      "float16", or the dtype object: `jnp.bfloat16`, `np.float32`, ...).
     param_dtype: storage dtype of the returned params; defaults to `dtype`.
       Tensors are converted from whatever dtype the files hold.
     strict: tensors the config does not use raise a ValueError when True,
@@ -547,7 +565,7 @@ def load_hf(path: PathLike, dtype: str = "float32", *, param_dtype: str | None =
   for spec in specs:
     by_file.setdefault(locations[spec.hf_name], []).append(spec)
   for file, file_specs in by_file.items():
-    with safe_open(file, framework="np") as f:
+    with _safe_open(file) as f:
       for spec in file_specs:
         value = spec.to_ours(f.get_tensor(spec.hf_name))
         if spec.layer is None:
@@ -642,7 +660,7 @@ def save_hf(cfg: ModelConfig, params: Params, path: PathLike, *,
   path = Path(path)
   if shard_size_bytes <= 0:
     raise ValueError(f"shard_size_bytes must be > 0, got {shard_size_bytes}")
-  save_dtype = dtype or cfg.param_dtype
+  save_dtype = dtype_name(dtype or cfg.param_dtype)
   if save_dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"dtype={save_dtype!r}; choose one of ('float32', 'bfloat16', 'float16')")
   if path.exists():
