@@ -394,7 +394,8 @@ class Checkpointer:
              if name.startswith(prefix)}
     wanted = {_path_name(path): tuple(leaf.shape) for path, leaf
               in jax.tree_util.tree_leaves_with_path(target)}
-    missing = sorted(set(wanted) - set(saved))
+    # A partial restore (prefix) reports missing leaves itself, naming the first.
+    missing = sorted(set(wanted) - set(saved)) if not prefix else []
     unexpected = sorted(set(saved) - set(wanted)) if not prefix else []
     shapes = [f"{name} saved {tuple(saved[name]['shape'])}, expected {shape}"
               for name, shape in wanted.items()

@@ -244,7 +244,7 @@ def test_round_pairs_reference_is_the_round_start_policy_or_the_fixed_one():
   ref = perturb(state.params)
   logps = {}
   for update in (True, False):
-    cfg = online.IterativeDPOConfig(rounds=1, steps_per_round=1, num_samples=4, max_new_tokens=4,
+    cfg = online.IterativeDPOConfig(steps_per_round=1, num_samples=4, max_new_tokens=4,
                                     update_reference=update)
     rounds = online.IterativeDPO(CFG, cfg, tx, target_reward, eos_id=EOS, mesh=mesh)
     pairs, stats = jax.jit(rounds.round_pairs)(state.params, batch, jax.random.key(0), ref, None)

@@ -162,15 +162,34 @@ def test_non_finite_or_out_of_range_hyper_parameters_are_refused(data_dir, name,
 
 
 # 4. A checkpoint with flipped bytes is refused, naming the step and the way back.
+def _flip_a_live_byte(state_dir: pathlib.Path) -> None:
+  """Flips one bit of the largest data file where orbax reads it back as other values.
+
+  OCDBT data files can hold bytes no key refers to (a flip there is harmless and
+  restores the same state), so candidate offsets are tried until a plain orbax
+  restore, with no verification of ours, returns different numbers.
+  """
+  import orbax.checkpoint as ocp  # only here: the project reaches orbax via Checkpointer
+
+  def raw(path):
+    return [np.asarray(x) for x in jax.tree.leaves(ocp.PyTreeCheckpointer().restore(str(path)))]
+
+  files = [p for p in state_dir.rglob("*") if p.is_file() and "/d/" in p.as_posix()]
+  data_file = max(files, key=lambda p: p.stat().st_size)
+  original, clean = data_file.read_bytes(), raw(state_dir)
+  for eighth in (4, 2, 6, 1, 3, 5, 7):
+    corrupt = bytearray(original)
+    corrupt[len(corrupt) * eighth // 8] ^= 0x10
+    data_file.write_bytes(bytes(corrupt))
+    if any(not np.array_equal(a, b) for a, b in zip(clean, raw(state_dir))):
+      return
+  raise AssertionError(f"no flipped byte of {data_file} changed the restored state")
+
+
 def test_corrupted_checkpoint_is_refused_with_the_earlier_step_named(sft_run, data_dir,
                                                                      tmp_path):
   workdir = _copy(sft_run["workdir"], tmp_path)
-  files = [p for p in (workdir / "checkpoints" / "8" / "state").rglob("*")
-           if p.is_file() and "/d/" in p.as_posix()]
-  data_file = max(files, key=lambda p: p.stat().st_size)
-  raw = bytearray(data_file.read_bytes())
-  raw[len(raw) // 2] ^= 0x10
-  data_file.write_bytes(bytes(raw))
+  _flip_a_live_byte(workdir / "checkpoints" / "8" / "state")
   with pytest.raises(CorruptCheckpointError,
                      match=r"checkpoints/8 is corrupt: .*steps \[4, 6\].*resume from step 6"):
     trainer.run(tiny_config(data_dir, 10), str(workdir))
