@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # TRL and tunix on W4 and W1, matched shapes, each in its own process, under
 # one wall-clock deadline. Missing pure-Python packages come as wheels in
-# WHEELS (default runs/bench_wheels, see BENCHMARKS.md).
+# WHEELS (default runs/bench_wheels, see BENCHMARKS.md). W5 (ragged lengths)
+# is not in the default PEERS: trl_grpo_w5 and tunix_grpo_w5 run the GRPO
+# scripts with --ragged (one per call: each takes most of a 570 s budget).
 #
 #   JAXRL_COMMIT=<sha> OUT=<dir> BUDGET_S=570 [PEERS="trl_dpo tunix_grpo"] \
 #     bash benchmarks/run_peers.sh [--smoke]
@@ -34,8 +36,14 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       --target /tmp/peer_site "$WHEELS"/*.whl && export PYTHONPATH=/tmp/peer_site:${PYTHONPATH:-}
   fi
   "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|accelerate|trl|datasets|jax|flax|optax|google-tunix) "
-  declare -A LIMIT=([trl_dpo]=100 [trl_grpo]=170 [tunix_dpo]=240 [tunix_grpo]=240)
-  for p in $PEERS; do run "${LIMIT[$p]}" "benchmarks.peers.$p"; done
+  declare -A LIMIT=([trl_dpo]=100 [trl_grpo]=170 [tunix_dpo]=240 [tunix_grpo]=240
+                    [trl_grpo_w5]=540 [tunix_grpo_w5]=540)
+  for p in $PEERS; do
+    case $p in  # <script>_w5: W5 on that script
+      *_w5) run "${LIMIT[$p]}" "benchmarks.peers.${p%_w5}" --ragged ;;
+      *) run "${LIMIT[$p]}" "benchmarks.peers.$p" ;;
+    esac
+  done
   "$PY" -m benchmarks.report "$REC" $SMOKE
 } 2>&1 | tee "$OUT/log_peers.txt"
 tar czf "$OUT/records_peers.tar.gz" -C "$REC" . && rm -rf "$REC"

@@ -95,6 +95,8 @@ def main():
   p.add_argument("--microbatches", type=int, default=16)
   p.add_argument("--remat", default="dots_no_batch")
   p.add_argument("--logprob_chunk", type=int, default=128)
+  p.add_argument("--length_buckets", type=int, default=4,
+                 help="rl.length_buckets of the update (1: every micro-batch at full width)")
   args = p.parse_args()
   if args.smoke:
     size, R, G, P, L, micro, min_rows = "smoke", 4, 4, 16, 32, 2, 4
@@ -109,7 +111,8 @@ def main():
   rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
                              microbatches=micro, logprob_chunk=args.logprob_chunk,
                              rollout_shared_prefix=shared,
-                             rollout_compaction_min_rows=compaction)
+                             rollout_compaction_min_rows=compaction,
+                             length_buckets=args.length_buckets)
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
   mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
   state, sh = create_train_state(cfg, tx, jax.random.key(0), mesh,
@@ -124,6 +127,7 @@ def main():
   batch = sharding.shard_batch(batch, mesh)
   useful = int(lengths.sum())
   res = {"variant": args.variant, "rollout_shared_prefix": shared,
+         "length_buckets": args.length_buckets,
          "rollout_compaction_min_rows": compaction, "useful_tokens": useful,
          "lengths": {"median": float(np.median(lengths)), "mean": float(lengths.mean()),
                      "truncated_frac": float(np.mean(forced > L)), "max": int(lengths.max())}}
@@ -182,7 +186,8 @@ def main():
   config = {"size": size, "prompts": R, "group_size": G, "prompt_len": P, "budget": L,
             "lengths": "log-normal median 150, sigma ln(1024/150)/1.645, seed 0",
             "eos_id": EOS_ID, "preset": "grpo", "kl_coef": rl.kl_coef, "microbatches": micro,
-            "remat": args.remat, "logprob_chunk": args.logprob_chunk, "param_dtype": "float32",
+            "remat": args.remat, "logprob_chunk": args.logprob_chunk,
+            "length_buckets": args.length_buckets, "param_dtype": "float32",
             "dtype": "bfloat16", "reward": "fraction of even token ids", "floors": floors}
   common.write_record(args, "w5_ragged_grpo_step", config, res)
   common.print_table(

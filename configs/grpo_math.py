@@ -4,7 +4,8 @@ Data: one JSONL file per split, MATH's own format:
   {"problem": "...", "solution": "... so the answer is $\\boxed{\\frac{1}{2}}$.", ...}
 The gold answer is the last \\boxed{...} of the solution (nested braces
 allowed); a dataset with a separate final-answer column (e.g. MATH-500's
-"answer") can map it instead: `--config.data.field_map="(('prompt','problem'),('answer','answer'))"`.
+"answer") can map it instead:
+  --config.data.field_map="(('prompt','problem'),('answer','answer'))"
 Rewards and evaluation share `jaxrl_llm.rewards.host.math_reward` (equivalent
 forms such as 0.5 and \\frac{1}{2} match). Prompts use the chat template.
 

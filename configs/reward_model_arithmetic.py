@@ -6,9 +6,10 @@ The trunk starts from a short SFT warm-start; 4 scalar heads share it and are
 aggregated by their mean (`reward_model.aggregation=worst_case` or
 `uncertainty_weighted` for conservative ensembles). An NLL term on the chosen
 answers (sft_coef) regularises the trunk. Held-out pair accuracy is evaluated
-on the test split. Hardware: 2 CPU cores, about 4 minutes. Expected:
-held-out pair accuracy well above 0.8 (the test suite's smaller recipe
-reaches 0.85-0.93 on unseen problems).
+on the test split. Hardware: 2 CPU cores, about 4 minutes.
+Measured (CPU, seed 0): with these defaults (150 SFT + 200 reward-model steps)
+held-out pair accuracy 0.60; with `:sft_steps=400,steps=800` (about 8 minutes,
+the reward model configs/grpo_reward_model_arithmetic.py reads) 0.957.
 """
 
 from jaxrl_llm.config import default_configdict, parse_arg, use_builtin_task

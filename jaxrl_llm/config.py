@@ -17,15 +17,18 @@ from typing import Any, Optional, Union
 
 from jaxrl_llm.checkpoint import CheckpointConfig
 from jaxrl_llm.data.pipeline import DataConfig
+from jaxrl_llm.distill import DistillConfig
 from jaxrl_llm.eval import EvalConfig
+from jaxrl_llm.lora import LoraConfig
 from jaxrl_llm.metrics import MetricsConfig
 from jaxrl_llm.optim import OptimConfig
 from jaxrl_llm.preference.online import IterativeDPOConfig, OnlineDPOConfig
+from jaxrl_llm.preference.sea import SEAConfig
 from jaxrl_llm.preference.step import PreferenceConfig
 from jaxrl_llm.rl.config import PRESETS, RLConfig
 from jaxrl_llm.sharding import MeshConfig
 
-KINDS = ("sft", "rl", "dpo", "reward_model", "online_dpo", "iterative_dpo")
+KINDS = ("sft", "rl", "dpo", "reward_model", "online_dpo", "iterative_dpo", "distill")
 MODEL_SOURCES = ("builtin", "hf")
 NAN_POLICIES = ("skip", "stop")
 # Built-in model sizes (vocab comes from the tokenizer). "tiny" learns the
@@ -34,6 +37,10 @@ BUILTIN_MODELS = {
     "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                  intermediate_size=384, family="qwen3", head_dim=32, qk_norm=True,
                  rope_theta=10000.0, tie_embeddings=True, max_position_embeddings=256),
+    # A 3.2M-parameter teacher for distillation into "tiny" (configs/distill_arithmetic.py).
+    "small": dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
+                  intermediate_size=768, family="qwen3", head_dim=32, qk_norm=True,
+                  rope_theta=10000.0, tie_embeddings=True, max_position_embeddings=256),
     "nano": dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                  intermediate_size=64, family="llama", rope_theta=10000.0,
                  tie_embeddings=True, max_position_embeddings=128),
@@ -50,6 +57,7 @@ class ModelSpec:
   param_dtype: str = "float32"
   remat: str = "none"
   attention_impl: str = "auto"
+  lora: LoraConfig = LoraConfig()  # low-rank adapters on a frozen base (rank 0: off)
 
   def __post_init__(self):
     from jaxrl_llm.models.config import DTYPES, dtype_name
@@ -152,8 +160,13 @@ class TrainerConfig:
   # or algorithm (see `resume_conflicts`); to start a new stage from a run's weights, give
   # the new run its own workdir and set init_from instead.
   allow_config_change: bool = False
+  # RL: > 0 runs the asynchronous actor-learner (jaxrl_llm.rl.actor_learner): the actor samples
+  # on this many devices, the learner updates on the rest; 0: the synchronous step on all.
+  actor_devices: int = 0
 
   def __post_init__(self):
+    if self.actor_devices < 0:
+      raise ValueError(f"trainer.actor_devices must be >= 0, got {self.actor_devices}")
     if self.num_steps < 0:
       raise ValueError(f"trainer.num_steps must be >= 0, got {self.num_steps}")
     if self.log_every < 1:
@@ -185,10 +198,14 @@ class ExperimentConfig:
   reward_model: RewardModelConfig = RewardModelConfig()  # kind "reward_model"
   metrics: MetricsConfig = MetricsConfig()  # JSONL / TensorBoard / W&B outputs
   iterative: IterativeDPOConfig = IterativeDPOConfig()   # kind "iterative_dpo"
+  distill: DistillConfig = DistillConfig()   # kind "distill" (jaxrl_llm.distill)
+  sea: SEAConfig = SEAConfig()   # kind "online_dpo": SEA's online ensemble (preference.sea)
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"kind={self.kind!r}; choose one of {KINDS}")
+    from jaxrl_llm.preference import sea as sea_lib
+    sea_lib.validate_experiment(self)
     uses_rm = any(name == "reward_model" for name, _ in self.reward.components)
     if self.kind == "online_dpo" and self.online.selection == "sea" and not uses_rm:
       raise ValueError("online.selection='sea' draws its pair from a reward-model ensemble: set "
@@ -205,10 +222,30 @@ class ExperimentConfig:
     if self.kind == "rl" and self.trainer.split_mode and uses_rm:
       raise ValueError("the 'reward_model' reward runs in the compiled step: set "
                        "trainer.split_mode=False")
+    if self.trainer.actor_devices and (self.kind != "rl" or self.trainer.split_mode
+                                       or self.rl.advantage == "gae"):
+      raise ValueError(f"trainer.actor_devices={self.trainer.actor_devices} runs the "
+                       "asynchronous actor-learner, which needs kind='rl' with the one-jit "
+                       "stages (trainer.split_mode=False) and a critic-free rl.advantage; set "
+                       "trainer.actor_devices=0 for this run")
+    if self.kind == "rl" and self.rl.async_lag and not self.trainer.actor_devices:
+      raise ValueError(f"rl.async_lag={self.rl.async_lag} needs the actor-learner run: set "
+                       "trainer.actor_devices > 0, or rl.async_lag=0")
+    if self.kind == "distill" and self.trainer.split_mode:
+      raise ValueError("kind='distill' runs the teacher in the compiled step: set "
+                       "trainer.split_mode=False")
+    if self.kind == "distill" and self.distill.mode == "on_policy" and self.rl.advantage == "gae":
+      raise ValueError("distill.mode='on_policy' adds the teacher's advantage to the RL step's, "
+                       "not to PPO's critic: choose a critic-free rl.advantage (e.g. 'grpo')")
     if self.kind == "iterative_dpo" and self.iterative.judge == "self" and uses_rm:
       raise ValueError("iterative.judge='self' scores with the policy, so the reward model of "
                        "reward.components is not used: set iterative.judge='reward' to judge "
                        "with it, or drop it from reward.components")
+    if self.model.lora.dropout > 0 and self.kind != "sft":
+      raise ValueError(f"model.lora.dropout={self.model.lora.dropout} is applied in kind='sft' "
+                       f"only: kind={self.kind!r} compares log-probs of the policy at sampling "
+                       "and update time (and against the reference), which dropout would "
+                       "perturb; set model.lora.dropout=0")
     if self.model.source == "builtin":  # HF models: checked once config.json is read
       check_sequence_lengths(self, BUILTIN_MODELS[self.model.builtin]["max_position_embeddings"],
                              f"model.builtin={self.model.builtin!r}")
@@ -221,7 +258,10 @@ def sequence_budgets(cfg: ExperimentConfig) -> list[tuple[str, int]]:
   out = []
   if cfg.kind == "sft" or (cfg.kind != "sft" and cfg.trainer.sft_warmstart.num_steps > 0):
     out.append((f"data.seq_len={d.seq_len}", d.seq_len))
-  if cfg.kind == "rl":
+  if cfg.kind == "rl" and cfg.rl.multiturn.enabled:
+    out.append((f"{prompt} + rl.multiturn turns and observations",
+                d.max_prompt_len + cfg.rl.multiturn.completion_len(cfg.rl.max_new_tokens)))
+  elif cfg.kind == "rl":
     out.append((f"{prompt} + rl.max_new_tokens={cfg.rl.max_new_tokens}",
                 d.max_prompt_len + cfg.rl.max_new_tokens))
   if cfg.kind == "online_dpo":
@@ -230,6 +270,15 @@ def sequence_budgets(cfg: ExperimentConfig) -> list[tuple[str, int]]:
   if cfg.kind == "iterative_dpo":
     out.append((f"{prompt} + iterative.max_new_tokens={cfg.iterative.max_new_tokens}",
                 d.max_prompt_len + cfg.iterative.max_new_tokens))
+  if cfg.kind == "distill" and cfg.distill.mode == "kd":
+    out.append((f"data.seq_len={d.seq_len}", d.seq_len))
+  if cfg.kind == "distill" and cfg.distill.mode == "gkd":
+    out.append((f"{prompt} + max(distill.max_new_tokens={cfg.distill.max_new_tokens}, "
+                f"data.max_answer_len={d.max_answer_len})",
+                d.max_prompt_len + max(cfg.distill.max_new_tokens, d.max_answer_len)))
+  if cfg.kind == "distill" and cfg.distill.mode == "on_policy":
+    out.append((f"{prompt} + rl.max_new_tokens={cfg.rl.max_new_tokens}",
+                d.max_prompt_len + cfg.rl.max_new_tokens))
   if cfg.kind in ("dpo", "reward_model"):
     out.append((f"{prompt} + data.max_completion_len={d.max_completion_len}",
                 d.max_prompt_len + d.max_completion_len))
@@ -255,9 +304,11 @@ RESUME_FIELDS = ("kind", "model.source", "model.builtin", "model.path", "data.to
 RESUME_FIELDS_OF_KIND = {
     "rl": ("rl.advantage", "rl.policy_loss", "rl.length_shaping"),
     "dpo": ("preference.losses",),
-    "online_dpo": ("online.selection", "online.preference.losses"),
+    "online_dpo": ("online.selection", "online.preference.losses", "sea.enabled"),
     "iterative_dpo": ("iterative.judge", "iterative.preference.losses"),
     "reward_model": ("reward_model.num_heads",),
+    "distill": ("distill.mode", "distill.teacher_source", "distill.teacher_builtin",
+                "distill.teacher_path"),
 }
 
 
@@ -439,5 +490,5 @@ def parse_arg(arg: Optional[str], **defaults) -> dict:
 def builtin_model_config(spec: ModelSpec, vocab_size: int):
   from jaxrl_llm.models.config import ModelConfig
   return ModelConfig(vocab_size=vocab_size, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                     remat=spec.remat, attention_impl=spec.attention_impl,
+                     remat=spec.remat, attention_impl=spec.attention_impl, lora=spec.lora,
                      **BUILTIN_MODELS[spec.builtin])

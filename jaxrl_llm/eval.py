@@ -72,12 +72,16 @@ class EvalConfig:
   float32: bool = False         # evaluate in float32 whatever the training dtype
   write_results: bool = True    # per-problem JSONL in <workdir>/eval/
   seed: int = 0                 # sampling keys of the evaluation
+  # Rollout engine (speed only; the samples are the same): a problem's n samples share one
+  # prefill, and the decode batch halves whenever half of its rows have stopped, down to this
+  # many rows (0: keep the full batch to the end). See sampling.sample.
+  compaction_min_rows: int = 64
 
   def __post_init__(self):
     def need(ok, field, what):
       if not ok:
         raise ValueError(f"eval.{field}={getattr(self, field)!r}: must be {what}")
-    for field in ("every_steps", "num_examples", "num_samples", "seed"):
+    for field in ("every_steps", "num_examples", "num_samples", "seed", "compaction_min_rows"):
       need(_is_int(getattr(self, field)) and getattr(self, field) >= 0, field, "an int >= 0")
     for field in ("batch_size", "max_new_tokens", "repeats"):
       need(_is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "an int >= 1")
@@ -220,28 +224,35 @@ class Evaluator:
     self.P = P
     self.model_cfg = model_cfg.replace(dtype="float32") if eval_cfg.float32 else model_cfg
     common = dict(max_new_tokens=eval_cfg.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
-                  pad_id=tokenizer.pad_id)
+                  pad_id=tokenizer.pad_id, compaction_min_rows=eval_cfg.compaction_min_rows)
     self._greedy = jax.jit(functools.partial(_sample_rows, self.model_cfg, seed=eval_cfg.seed,
                                              greedy=True, **common))
     self._sampled = jax.jit(functools.partial(
         _sample_rows, self.model_cfg, seed=eval_cfg.seed, greedy=False,
-        temperature=self.temperature, top_p=eval_cfg.top_p, **common))
+        temperature=self.temperature, top_p=eval_cfg.top_p,
+        group_size=max(eval_cfg.num_samples, 1), **common))
 
   # -- generation ----------------------------------------------------------
   def _generate(self, params, problem_R: np.ndarray, sample_R: np.ndarray, repeat: int,
                 greedy: bool, label: str) -> list[tuple[str, int, bool]]:
-    """(text, length, finished) of each row (problem_R[r], sample_R[r])."""
+    """(text, length, finished) of each row (problem_R[r], sample_R[r]).
+
+    Sampled rows come in groups of `num_samples` consecutive rows of one
+    problem, generated from one prompt row (its prefill shared by the group).
+    """
     devices = jax.device_count()
-    bs = -(-min(self.cfg.batch_size, max(len(problem_R), 1)) // devices) * devices
+    G = 1 if greedy else max(self.cfg.num_samples, 1)
+    unit = G * devices  # a batch holds whole groups, its prompts split evenly over devices
+    bs = -(-min(self.cfg.batch_size, max(len(problem_R), 1)) // unit) * unit
     gen = self._greedy if greedy else self._sampled
     out_rows: list[tuple[str, int, bool]] = []
     total, shown = len(problem_R), 0.0
     for start in range(0, total, bs):
       rows = np.arange(start, min(start + bs, total))
-      tokens = np.full((bs, self.P), self.tokenizer.pad_id, np.int32)
-      mask = np.zeros((bs, self.P), np.int32)
-      mask[len(rows):, -1] = 1  # padding rows: one dummy token, results ignored
-      for j, r in enumerate(rows):
+      tokens = np.full((bs // G, self.P), self.tokenizer.pad_id, np.int32)
+      mask = np.zeros((bs // G, self.P), np.int32)
+      mask[len(rows) // G:, -1] = 1  # padding groups: one dummy token, results ignored
+      for j, r in enumerate(rows[::G]):
         ids = self.prompt_ids[problem_R[r]]
         tokens[j, self.P - len(ids):], mask[j, self.P - len(ids):] = ids, 1
       pad = bs - len(rows)
@@ -250,7 +261,7 @@ class Evaluator:
               "sample": np.pad(sample_R[rows], (0, pad)).astype(np.int32)}
       # Each process passes its own rows of the global batch (sharding.shard_batch).
       n, p = jax.process_count(), jax.process_index()
-      local = {k: v[p * bs // n:(p + 1) * bs // n] for k, v in host.items()}
+      local = {k: v[p * len(v) // n:(p + 1) * len(v) // n] for k, v in host.items()}
       dev = sharding.shard_batch(local, self.mesh)
       out = sharding.to_host(gen(params, dev["t"], dev["m"], dev["problem"], dev["sample"],
                                  np.int32(repeat)))

@@ -33,6 +33,23 @@ Components (bytes per device):
                     current micro-batch's gradient, sharded like the params.
   reference params  one more copy of the parameters when a KL penalty or DPO
                     needs π_ref (never donated, so never reused).
+  (LoRA)            under model.lora the parameters are the frozen base plus
+                    the adapters; optimizer state and gradients count the
+                    trainable elements (A, B) only, and there is no reference
+                    copy (π_ref is the base with adapters off, `jaxrl_llm.lora`).
+  teacher params    distillation: the teacher's parameter shards (its own model
+                    config, the same logical rules), never donated; its
+                    forward runs without gradient and is not counted.
+  critic state      PPO (rl.advantage="gae"): the value model's parameter
+                    shards (its own config, the same logical rules) plus its
+                    AdamW moments; a value head on the policy trunk is D + 1
+                    elements. Its gradients (2 × its elements, as above) join
+                    the update phase, counted on top of the policy's (an upper
+                    bound: the critic's update runs before the policy's in the
+                    same minibatch). Its activations reuse the policy's (same
+                    sizes for a critic copied from the policy; an HF value model
+                    of another size is not covered), and its rollout-time value
+                    forward runs without gradient and is not counted.
   KV cache          2 (k, v) × L × r × S × K/t × H × cache bytes (rollout only).
   rollout working   the sampling copy of the weights (cast to the compute
                     dtype and split per layer once per rollout, see
@@ -86,10 +103,13 @@ from jaxrl_llm.models.config import DTYPES, ModelConfig
 GiB = 2**30
 # Optimizer moments per parameter (each in the moment dtype).
 OPTIMIZER_MOMENTS = {"adam": 2, "adamw": 2, "sgd": 0, "momentum": 1}
-COMPONENTS = ("parameters", "optimizer state", "gradients", "reference params", "KV cache",
-              "rollout working set", "activations", "batch arrays")
+COMPONENTS = ("parameters", "optimizer state", "gradients", "reference params", "teacher params",
+              "KV cache", "rollout working set", "activations", "batch arrays")
 _ROLLOUT = ("KV cache", "rollout working set")
 _UPDATE = ("gradients", "activations")
+# PPO's learned critic (see "critic state" in the module docstring).
+COMPONENTS += ("critic state", "critic gradients")
+_UPDATE += ("critic gradients",)
 
 
 def _bytes(dtype: Union[str, Any]) -> int:
@@ -208,6 +228,16 @@ def param_elems_per_device(model: ModelConfig, mesh_shape, rules=sharding.DEFAUL
   return sum(sh.elems(names, shape) for shape, names in decoder.param_table(model).values())
 
 
+def trainable_elems_per_device(model: ModelConfig, mesh_shape,
+                               rules=sharding.DEFAULT_RULES) -> int:
+  """Elements on one device of the leaves that train: all of them, or under LoRA
+  (model.lora) the adapters A and B only (`lora.is_trainable`)."""
+  from jaxrl_llm import lora
+  sh = _Sharder(mesh_shape, rules)
+  return sum(sh.elems(names, shape) for path, (shape, names) in decoder.param_table(model).items()
+             if model.lora is None or lora.is_trainable(path))
+
+
 # ---------------------------------------------------------------------------
 # The plan.
 # ---------------------------------------------------------------------------
@@ -215,6 +245,8 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
                 group_size: int = 1, oversample: int = 1, microbatches: int = 1,
                 kv_cache_len: int = 0, kv_cache_dtype: Optional[str] = None,
                 prefill_len: Optional[int] = None, reference: bool = False,
+                teacher: Optional[ModelConfig] = None,
+                critic: Optional[ModelConfig] = None, critic_head_only: bool = False,
                 optimizer: str = "adamw", moment_dtype: Optional[str] = None,
                 logprob_chunk: int = 512, rules=None, num_devices: Optional[int] = None,
                 description: str = "") -> MemoryPlan:
@@ -235,6 +267,10 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
     kv_cache_dtype: default the compute dtype.
     prefill_len: prompt tokens run through the prefill; default kv_cache_len.
     reference: a reference copy of the parameters is held (KL, DPO).
+    teacher: distillation: the teacher's model config (its params are held).
+    critic: PPO: the value model's config (its params, moments and gradients
+      are held); with `critic_head_only`, the config whose trunk a scalar
+      value head reads (D + 1 elements).
     optimizer: a key of OPTIMIZER_MOMENTS.
     moment_dtype: optimizer moment dtype; default the parameter dtype (optax).
     logprob_chunk: time chunk of the float32 log-prob head.
@@ -269,11 +305,27 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
   out: dict[str, float] = {}
   # PARAMETERS, OPTIMIZER, GRADIENTS, REFERENCE: exact shards of every tensor.
   p_elems = param_elems_per_device(model, mesh_shape, rules)
+  # LoRA: the frozen base and the adapters are the parameters; moments and gradients are the
+  # adapters' only, and the reference is the frozen base (no copy).
+  t_elems = trainable_elems_per_device(model, mesh_shape, rules)
   out["parameters"] = p_elems * p_bytes
-  out["optimizer state"] = OPTIMIZER_MOMENTS[optimizer] * p_elems * m_bytes
-  out["gradients"] = 2 * p_elems * p_bytes
-  if reference:
+  out["optimizer state"] = OPTIMIZER_MOMENTS[optimizer] * t_elems * m_bytes
+  out["gradients"] = 2 * t_elems * p_bytes
+  if reference and model.lora is None:
     out["reference params"] = p_elems * p_bytes
+  if model.lora is not None:
+    notes.append(f"LoRA: {_fmt(t_elems * p_bytes)} of adapters train on a frozen base of "
+                 f"{_fmt((p_elems - t_elems) * p_bytes)}" +
+                 ("; the reference is the base with adapters off (no copy)" if reference else ""))
+  if teacher is not None:
+    out["teacher params"] = (param_elems_per_device(teacher, mesh_shape, rules)
+                             * _bytes(teacher.param_dtype))
+  if critic is not None:  # the head is float32, replicated; a value model trains in full
+    c_elems, c_bytes = ((critic.hidden_size + 1, 4) if critic_head_only else
+                        (param_elems_per_device(critic, mesh_shape, rules),
+                         _bytes(critic.param_dtype)))
+    out["critic state"] = c_elems * c_bytes * (1 + OPTIMIZER_MOMENTS[optimizer])
+    out["critic gradients"] = 2 * c_elems * c_bytes
 
   # ROLLOUT: the KV cache and one prefill layer.
   roll_rows = batch_size * group_size
@@ -315,8 +367,17 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
   return MemoryPlan(ordered, mesh_shape, description, tuple(notes))
 
 
-def plan_for_experiment(cfg, model: ModelConfig, num_devices: Optional[int] = None
-                        ) -> MemoryPlan:
+def _critic_args(rl, model: ModelConfig) -> dict[str, Any]:
+  """plan_memory's critic arguments of an RL config: none unless rl.advantage="gae"."""
+  if rl.advantage != "gae":
+    return {}
+  from jaxrl_llm.rl import critic as critic_lib
+  return dict(critic=critic_lib.value_model_config(rl.critic, model),
+              critic_head_only=rl.critic.value_head)
+
+
+def plan_for_experiment(cfg, model: ModelConfig, num_devices: Optional[int] = None,
+                        teacher: Optional[ModelConfig] = None) -> MemoryPlan:
   """The plan of an `ExperimentConfig` run (kinds "rl", "sft" and the preference kinds)."""
   data, mesh = cfg.data, cfg.mesh
   common = dict(rules=mesh.rules, num_devices=num_devices,
@@ -329,7 +390,25 @@ def plan_for_experiment(cfg, model: ModelConfig, num_devices: Optional[int] = No
                        group_size=rl.group_size, oversample=rl.oversample,
                        microbatches=rl.minibatches * rl.microbatches, kv_cache_len=seq,
                        prefill_len=data.max_prompt_len, reference=rl.needs_reference,
-                       logprob_chunk=rl.logprob_chunk, **common)
+                       logprob_chunk=rl.logprob_chunk, **_critic_args(rl, model), **common)
+  if cfg.kind == "distill":  # the student's step of its mode, plus the teacher's params
+    d, rl = cfg.distill, cfg.rl
+    if d.mode == "kd":
+      return plan_memory(model, mesh, batch_size=data.batch_size, seq_len=data.seq_len,
+                         microbatches=cfg.trainer.microbatches, teacher=teacher,
+                         logprob_chunk=d.logit_chunk, **common)
+    if d.mode == "gkd":
+      seq = data.max_prompt_len + max(d.max_new_tokens, data.max_answer_len)
+      return plan_memory(model, mesh, batch_size=data.batch_size, seq_len=seq,
+                         microbatches=cfg.trainer.microbatches, teacher=teacher,
+                         kv_cache_len=data.max_prompt_len + d.max_new_tokens,
+                         prefill_len=data.max_prompt_len, logprob_chunk=d.logit_chunk, **common)
+    seq = data.max_prompt_len + rl.max_new_tokens
+    return plan_memory(model, mesh, batch_size=data.batch_size, seq_len=seq,
+                       group_size=rl.group_size, oversample=rl.oversample,
+                       microbatches=rl.minibatches * rl.microbatches, kv_cache_len=seq,
+                       prefill_len=data.max_prompt_len, reference=rl.needs_reference,
+                       teacher=teacher, logprob_chunk=rl.logprob_chunk, **common)
   if cfg.kind == "sft":
     return plan_memory(model, mesh, batch_size=data.batch_size, seq_len=data.seq_len,
                        microbatches=cfg.trainer.microbatches, **common)
@@ -360,12 +439,18 @@ _ADVICE = {
                        "smaller dtype",
     "gradients": "shard over more devices (a larger fsdp axis)",
     "reference params": "precompute reference log-probs, or drop the KL term (kl_coef=0)",
+    "teacher params": "shard the teacher over more devices (a larger fsdp axis) or store it in "
+                      "bfloat16 (distill.teacher_dtype)",
     "KV cache": "fewer prompts or completions per step, a shorter max_new_tokens, a bfloat16 "
                 "KV cache, or tensor parallelism over kv heads",
     "rollout working set": "fewer or shorter prompts per step",
     "activations": "model.remat='full', more micro-batches, or tensor parallelism "
                    "(mesh_preset('fsdp_tensor'))",
     "batch arrays": "fewer or shorter rows per step",
+    "critic state": "a value head on the policy trunk (rl.critic.init='value_head') instead of "
+                    "a value model, or shard over more devices (a larger fsdp axis)",
+    "critic gradients": "a value head on the policy trunk (rl.critic.init='value_head'), or "
+                        "shard over more devices (a larger fsdp axis)",
 }
 
 

@@ -4,6 +4,15 @@ The optimizer is optax's AdamW behind a global-norm gradient clip:
 
   chain(clip_by_global_norm(grad_clip_norm), adamw(schedule, mask=decay_mask))
 
+``optimizer="spam"`` or ``"stable_spam"`` swaps Adam's direction for SPAM's
+(spike-aware clipping, momentum reset, post-reset warm-up) or Stable-SPAM's
+(AdaClip, AdaGN, momentum reset); decay and schedule stay as in AdamW:
+
+  chain(clip_by_global_norm, scale_by_<spam|stable_spam>,
+        add_decayed_weights(weight_decay, decay_mask), scale_by_learning_rate)
+
+Formulas and sources are in `jaxrl_llm.optim_spam`.
+
 Gradient accumulation is not part of the optimizer: the training steps
 accumulate micro-batch sums themselves (see the loss docstrings) so the
 aggregation stays exact.
@@ -32,7 +41,10 @@ from typing import Any
 import jax
 import optax
 
+from jaxrl_llm import optim_spam
+
 SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "spam", "stable_spam")
 
 # Substrings that, anywhere in a parameter's path, exclude it from weight
 # decay. Decaying normalisation gains pulls them towards 0 (not towards their
@@ -59,6 +71,20 @@ class OptimConfig:
       selected by ``decay_mask``.
     grad_clip_norm: clip gradients to this global L2 norm; 0 or None turns
       clipping off.
+    optimizer: one of ``OPTIMIZERS``: "adamw", "spam" (Huang et al., ICLR
+      2025) or "stable_spam" (Huang et al., 2025); see `optim_spam`.
+    momentum_reset_interval: SPAM / Stable-SPAM: zero Adam's moments after
+      every this many updates (dT; papers: 500 for SPAM, 1000 for
+      Stable-SPAM); 0 never resets. Unused by "adamw".
+    spike_threshold: SPAM: clip entries with g^2 > spike_threshold * v to
+      sign(g) * sqrt(spike_threshold * v) (theta; paper 5000); 0 turns it off.
+    spike_clip_delay: SPAM: clipping starts this many updates after each reset
+      (v is near 0 then; reference code 20). Must be >= 1.
+    reset_warmup_steps: SPAM: cosine warm-up of the update after each reset
+      (N; paper 150); 0 turns it off.
+    norm_gamma1: Stable-SPAM AdaGN decay of the EMA of ||g|| (paper 0.7).
+    norm_gamma2: Stable-SPAM AdaGN decay of the EMA of ||g||^2 (paper 0.9).
+    clip_gamma3: Stable-SPAM AdaClip decay of the EMA of max |g| (paper 0.999).
   """
 
   learning_rate: float = 1e-6
@@ -71,6 +97,14 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.0
   grad_clip_norm: float | None = 1.0
+  optimizer: str = "adamw"
+  momentum_reset_interval: int = 500
+  spike_threshold: float = 5000.0
+  spike_clip_delay: int = 20
+  reset_warmup_steps: int = 150
+  norm_gamma1: float = 0.7
+  norm_gamma2: float = 0.9
+  clip_gamma3: float = 0.999
 
   def __post_init__(self):
     for name in ("learning_rate", "end_lr_ratio", "b1", "b2", "eps", "weight_decay",
@@ -114,6 +148,27 @@ class OptimConfig:
     if self.weight_decay < 0:
       raise ValueError(
           f"OptimConfig.weight_decay={self.weight_decay!r} must be >= 0.")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(
+          f"OptimConfig.optimizer={self.optimizer!r} is not valid; choose one of "
+          f"{OPTIMIZERS}.")
+    for name in ("momentum_reset_interval", "reset_warmup_steps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"OptimConfig.{name}={value!r} must be an int >= 0 (0 turns it off).")
+    if (isinstance(self.spike_clip_delay, bool) or not isinstance(self.spike_clip_delay, int)
+        or self.spike_clip_delay < 1):
+      raise ValueError(
+          f"OptimConfig.spike_clip_delay={self.spike_clip_delay!r} must be an int >= 1: "
+          "right after a momentum reset v = 0 and clipping would zero every entry.")
+    if not (math.isfinite(self.spike_threshold) and self.spike_threshold >= 0):
+      raise ValueError(
+          f"OptimConfig.spike_threshold={self.spike_threshold!r} must be >= 0 "
+          "(0 turns spike-aware clipping off).")
+    for name in ("norm_gamma1", "norm_gamma2", "clip_gamma3"):
+      value = getattr(self, name)
+      if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise ValueError(f"OptimConfig.{name}={value!r} must be in [0, 1).")
     if self.grad_clip_norm is not None and self.grad_clip_norm < 0:
       raise ValueError(
           f"OptimConfig.grad_clip_norm={self.grad_clip_norm!r} must be >= 0 "
@@ -193,8 +248,22 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   parts = []
   if cfg.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(
-      optax.adamw(
-          learning_rate=make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-          weight_decay=cfg.weight_decay, mask=decay_mask))
+  if cfg.optimizer == "adamw":
+    parts.append(
+        optax.adamw(
+            learning_rate=make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+  if cfg.optimizer == "spam":
+    parts.append(optim_spam.scale_by_spam(
+        cfg.b1, cfg.b2, cfg.eps, spike_threshold=cfg.spike_threshold,
+        reset_interval=cfg.momentum_reset_interval,
+        reset_warmup_steps=cfg.reset_warmup_steps, clip_delay=cfg.spike_clip_delay))
+  else:
+    parts.append(optim_spam.scale_by_stable_spam(
+        cfg.b1, cfg.b2, cfg.eps, gamma1=cfg.norm_gamma1, gamma2=cfg.norm_gamma2,
+        gamma3=cfg.clip_gamma3, reset_interval=cfg.momentum_reset_interval))
+  # AdamW's own order: direction, + decoupled decay, * -lr.
+  parts.append(optax.add_decayed_weights(cfg.weight_decay, decay_mask))
+  parts.append(optax.scale_by_learning_rate(make_schedule(cfg)))
   return optax.chain(*parts)

@@ -245,6 +245,57 @@ def bucket_sizes(batch: int, compaction_min_rows: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def prefill(cfg: ModelConfig, params, prompt_tokens_RP: jax.Array, prompt_mask_RP: jax.Array,
+            *, cache_size: int, group_size: int = 1, cache_dtype: Optional[str] = None):
+  """Run left-padded prompts once into a fresh KV cache of `cache_size` slots.
+
+  Returns (logits_BV of the next token, cache, prompt_len_B) for B = R·G rows:
+  with `group_size` G > 1 each prompt's cache is computed once and copied to
+  its G rows (`decoder.cache_expand`). Only the last position is unembedded.
+  """
+  R, P = prompt_tokens_RP.shape
+  G = int(group_size)
+  prompt_mask_RP = prompt_mask_RP.astype(bool)
+  prompt_len_R = jnp.sum(prompt_mask_RP, axis=1).astype(jnp.int32)
+  positions_RP = jnp.maximum(jnp.cumsum(prompt_mask_RP, axis=1) - 1, 0)
+  cache = decoder.init_cache(cfg, R, cache_size if G == 1 else P, cache_dtype)
+  h_RPD, cache = decoder.forward_with_cache(cfg, params, prompt_tokens_RP, positions_RP,
+                                            prompt_mask_RP, cache, return_hidden=True)
+  logits_RV = decoder.unembed(cfg, params, h_RPD[:, -1:])[:, 0]
+  if G > 1:  # one prompt cache per group, copied to its G rows
+    cache = decoder.cache_expand(cache, G, cache_size)
+    logits_RV = jnp.repeat(logits_RV, G, axis=0)
+  return logits_RV, cache, jnp.repeat(prompt_len_R, G)
+
+
+def row_keys(rng: jax.Array, num_rows: int) -> jax.Array:
+  """One PRNG key per output row: `rng` itself when it is already [num_rows]
+  keys, else fold_in(rng, i) for row i."""
+  if rng.shape == (num_rows,):  # the caller's own key per row
+    return rng
+  return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(num_rows))
+
+
+def choose_tokens(logits_bV: jax.Array, ctx: DecodeContext, keys_b: jax.Array, *,
+                  logits_processor: Optional[LogitsProcessor] = None, greedy: bool = False,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """(token_b, log p(token_b)) of one decode step, each row drawn with its key.
+
+  log p = processed logit[token] − logsumexp(processed logits), so no [b, V]
+  log-softmax is materialised; greedy takes the argmax (keys unused).
+  """
+  processed = logits_bV.astype(jnp.float32)
+  if logits_processor is not None:
+    processed = logits_processor(processed, ctx).astype(jnp.float32)
+  if greedy:
+    token_b = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+  else:
+    processed = process_logits(processed, temperature=temperature, top_k=top_k, top_p=top_p)
+    token_b = jax.vmap(jax.random.categorical)(keys_b, processed).astype(jnp.int32)
+  chosen_b = jnp.take_along_axis(processed, token_b[:, None], axis=-1)[:, 0]
+  return token_b, chosen_b - jax.nn.logsumexp(processed, axis=-1)
+
+
 def _validate(prompt_tokens, prompt_mask, max_new_tokens, temperature, top_k, top_p,
               cache_size, group_size, compaction_min_rows, max_len):
   if prompt_tokens.ndim != 2:
@@ -325,35 +376,15 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
   budget = L if max_len is None else jnp.clip(jnp.asarray(max_len, jnp.int32), 1, L)
 
   # PREFILL: each prompt once; only the last position is unembedded.
-  prompt_len_R = jnp.sum(prompt_mask_BP, axis=1).astype(jnp.int32)
-  positions_RP = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=1) - 1, 0)
-  cache = decoder.init_cache(cfg, R, cache_size if G == 1 else P, cache_dtype)
-  h_RPD, cache = decoder.forward_with_cache(cfg, params, prompt_tokens_BP, positions_RP,
-                                            prompt_mask_BP, cache, return_hidden=True)
-  logits_RV = decoder.unembed(cfg, params, h_RPD[:, -1:])[:, 0]
-  if G > 1:  # one prompt cache per group, copied to its G rows
-    cache = decoder.cache_expand(cache, G, cache_size)
-    logits_RV = jnp.repeat(logits_RV, G, axis=0)
-  prompt_len_B = jnp.repeat(prompt_len_R, G)
-  if rng.shape == (B,):  # the caller's own key per row
-    row_keys_B = rng
-  else:
-    row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(B))
+  logits_RV, cache, prompt_len_B = prefill(cfg, params, prompt_tokens_BP, prompt_mask_BP,
+                                           cache_size=cache_size, group_size=G,
+                                           cache_dtype=cache_dtype)
+  row_keys_B = row_keys(rng, B)
 
   def choose(logits_bV, ctx):
-    """(token_b, log p(token_b)); log p = logit[token] − logsumexp(logits), so no
-    [b, V] log-softmax is materialised."""
-    processed = logits_bV.astype(jnp.float32)
-    if logits_processor is not None:
-      processed = logits_processor(processed, ctx).astype(jnp.float32)
-    if greedy:
-      token_b = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    else:
-      processed = process_logits(processed, temperature=temperature, top_k=top_k, top_p=top_p)
-      keys_b = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B[ctx.row_B], ctx.step)
-      token_b = jax.vmap(jax.random.categorical)(keys_b, processed).astype(jnp.int32)
-    chosen_b = jnp.take_along_axis(processed, token_b[:, None], axis=-1)[:, 0]
-    return token_b, chosen_b - jax.nn.logsumexp(processed, axis=-1)
+    keys_b = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B[ctx.row_B], ctx.step)
+    return choose_tokens(logits_bV, ctx, keys_b, logits_processor=logits_processor,
+                         greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
 
   # DECODE: sample a token per live row, scatter it to its output row, run it
   # through the model. `b` is the current bucket's row count.

@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrl_llm import sharding
+from jaxrl_llm import lora, sharding
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 
@@ -27,6 +27,8 @@ class TrainState:
   params: Any
   opt_state: Any
   extra: dict           # e.g. {"hapo_history": int32[num_prompts]}
+  # PPO's critic {"params", "opt_state"} (`jaxrl_llm.rl.critic`); None without one.
+  critic: Any = None
 
   def apply_gradients(self, tx: optax.GradientTransformation, grads) -> "TrainState":
     updates, opt_state = tx.update(grads, self.opt_state, self.params)
@@ -38,13 +40,21 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
                                  decoder.param_shapes(cfg))
 
 
-def _like_params(tree, params_struct, param_sh, replicated):
-  """Shardings for an optimizer state: param-shaped subtrees follow the params."""
-  def is_params(node):
-    return jax.tree.structure(node) == params_struct
+def _like_params(tree, params_struct, param_sh, replicated, trainable_struct=None,
+                 trainable_sh=None):
+  """Shardings for an optimizer state: param-shaped subtrees follow the params (and,
+  under LoRA, subtrees shaped like the trainable adapters follow theirs)."""
+  structs = [s for s in (params_struct, trainable_struct) if s is not None]
 
-  return jax.tree.map(lambda node: param_sh if is_params(node) else replicated, tree,
-                      is_leaf=is_params)
+  def is_params(node):
+    return any(jax.tree.structure(node) == s for s in structs)
+
+  def pick(node):
+    if not is_params(node):
+      return replicated
+    return param_sh if jax.tree.structure(node) == params_struct else trainable_sh
+
+  return jax.tree.map(pick, tree, is_leaf=is_params)
 
 
 def state_shardings(abstract_state: TrainState, cfg: ModelConfig, mesh: Mesh,
@@ -53,12 +63,26 @@ def state_shardings(abstract_state: TrainState, cfg: ModelConfig, mesh: Mesh,
   rep = NamedSharding(mesh, P())
   p_sh = param_shardings(cfg, mesh, rules)
   params_struct = jax.tree.structure(abstract_state.params)
+  trainable_struct = trainable_sh = None
+  if lora.has_adapters(abstract_state.params):  # optimizer state of the adapters only
+    trainable_struct = jax.tree.structure(lora.trainable_params(abstract_state.params))
+    trainable_sh = lora.trainable_params(p_sh)
   return TrainState(
       step=rep,
       params=p_sh,
-      opt_state=_like_params(abstract_state.opt_state, params_struct, p_sh, rep),
+      opt_state=_like_params(abstract_state.opt_state, params_struct, p_sh, rep,
+                             trainable_struct, trainable_sh),
       extra=jax.tree.map(lambda _: rep, abstract_state.extra),
+      critic=None if abstract_state.critic is None else _critic_shardings(
+          abstract_state.critic, cfg, mesh, rules),
   )
+
+
+def _critic_shardings(abstract_critic, cfg: ModelConfig, mesh: Mesh, rules):
+  """The critic's shardings under the policy's config (a value model of another
+  config gets its own from `critic.add_critic`)."""
+  from jaxrl_llm.rl import critic as critic_lib  # the critic module imports this one
+  return critic_lib.critic_state_shardings(abstract_critic, cfg, mesh, rules)
 
 
 def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
@@ -92,7 +116,20 @@ def accumulate_gradients(loss_fn: Callable, params, batch, num_micro: int):
   SUM and its denominator (see `policy_losses.aggregate`). The result is
   (Σ ∇total / Σ denom, Σ denom, Σ sums): the gradient of the full-batch loss,
   whatever the split.
+
+  Params with LoRA adapters: only the trainable leaves (`lora.is_trainable`)
+  are differentiated; the frozen base is closed over (its gradient is never
+  formed) and reported as zeros, which `lora.freeze_base` ignores.
   """
+  if lora.has_adapters(params):
+    trainable, frozen = lora.split_trainable(params)
+    grads, denom, sums = _accumulate(
+        lambda t, micro: loss_fn(lora.combine(t, frozen), micro), trainable, batch, num_micro)
+    return lora.combine(grads, jax.tree.map(jnp.zeros_like, frozen)), denom, sums
+  return _accumulate(loss_fn, params, batch, num_micro)
+
+
+def _accumulate(loss_fn: Callable, params, batch, num_micro: int):
   def split(x):
     if x.shape[0] % num_micro:
       raise ValueError(f"batch of {x.shape[0]} rows is not divisible into {num_micro} "

@@ -21,7 +21,7 @@ from absl import logging
 
 from jaxrl_llm import config as config_lib
 from jaxrl_llm import eval as eval_lib
-from jaxrl_llm import fileio, memory, optim, sharding
+from jaxrl_llm import fileio, lora, memory, optim, sharding
 from jaxrl_llm.checkpoint import Checkpointer, NonFiniteStateError, PreemptionGuard
 from jaxrl_llm.data import tasks
 from jaxrl_llm.data.builders import load_split
@@ -63,7 +63,8 @@ def model_config(cfg: config_lib.ExperimentConfig, tokenizer):
   hf_config = json.loads(fileio.read_text(fileio.join(spec.path, "config.json")))
   model_cfg = hf.config_from_hf(hf_config)
   model_cfg = model_cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype,
-                                remat=spec.remat, attention_impl=spec.attention_impl)
+                                remat=spec.remat, attention_impl=spec.attention_impl,
+                                lora=spec.lora)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab "
                      f"{model_cfg.vocab_size}: data.tokenizer does not belong to {spec.path}")
@@ -76,7 +77,16 @@ def _abstract_params(model_cfg, shardings):
 
 
 def initial_params(cfg: config_lib.ExperimentConfig, workdir: str, model_cfg, param_shardings):
-  """The starting weights (also the RL reference): init_from, SFT warm-start, HF, or None."""
+  """The starting weights (also the RL reference): init_from, SFT warm-start, HF, or None.
+
+  Under LoRA (model.lora.rank > 0) the base is read as below and adapters are
+  added (`lora.add_adapters`); a checkpoint that holds adapters of the same
+  settings gives them too (see `lora.initial_params_with_adapters`).
+  """
+  if model_cfg.lora is not None:
+    return lora.initial_params_with_adapters(
+        cfg, workdir, model_cfg, param_shardings, initial_params,
+        rng=jax.random.fold_in(jax.random.key(cfg.seed), 1))
   if cfg.trainer.init_from:
     _say(f"Initialising params from {cfg.trainer.init_from}")
     return Checkpointer(cfg.trainer.init_from, create=False).restore_params(
@@ -99,8 +109,13 @@ def initial_params(cfg: config_lib.ExperimentConfig, workdir: str, model_cfg, pa
 
 def sft_warmstart_config(cfg: config_lib.ExperimentConfig) -> config_lib.ExperimentConfig:
   ws = cfg.trainer.sft_warmstart
+  model = cfg.model
+  if model.lora.enabled and model.lora.full_sft_warmstart:  # all weights; adapters come after
+    model = dataclasses.replace(model, lora=lora.LoraConfig())
+  elif model.lora.adapter_only_checkpoints:  # the next stage starts from its full params
+    model = dataclasses.replace(model, lora=model.lora.replace(adapter_only_checkpoints=False))
   return dataclasses.replace(
-      cfg, kind="sft",
+      cfg, kind="sft", model=model,
       optim=optim.OptimConfig(learning_rate=ws.learning_rate, schedule="cosine",
                               warmup_steps=min(100, ws.num_steps // 4),
                               total_steps=ws.num_steps, end_lr_ratio=0.1, weight_decay=0.0),
@@ -110,7 +125,7 @@ def sft_warmstart_config(cfg: config_lib.ExperimentConfig) -> config_lib.Experim
           source="arithmetic" if cfg.data.source == "preference_arithmetic" else cfg.data.source),
       eval=dataclasses.replace(cfg.eval, every_steps=0),
       trainer=dataclasses.replace(cfg.trainer, num_steps=ws.num_steps, init_from="",
-                                  sft_warmstart=config_lib.SFTWarmstart()),
+                                  sft_warmstart=config_lib.SFTWarmstart(), actor_devices=0),
       checkpoint=dataclasses.replace(cfg.checkpoint,
                                      save_interval_steps=max(ws.num_steps // 2, 1)))
 
@@ -171,6 +186,8 @@ def _loop(r: Run) -> dict[str, float]:
   cfg = r.cfg
   num_steps = cfg.trainer.num_steps
   ckpt = Checkpointer(r.workdir, cfg.checkpoint)
+  if cfg.model.lora.enabled and cfg.model.lora.adapter_only_checkpoints:
+    ckpt = lora.AdapterOnlyCheckpointer(ckpt, r.state)  # the frozen base: from the model source
 
   def check_resume():
     """Refuses a checkpoint saved under another kind, model, tokenizer or algorithm."""
@@ -316,14 +333,15 @@ def _loop(r: Run) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 # Kinds of runs.
 # ---------------------------------------------------------------------------
-def _common(cfg: config_lib.ExperimentConfig, workdir: str, mode: str, extra_fn=dict):
-  mesh = sharding.make_mesh(cfg.mesh)
+def _common(cfg: config_lib.ExperimentConfig, workdir: str, mode: str, extra_fn=dict,
+            teacher=None, devices=None):
+  mesh = sharding.make_mesh(cfg.mesh, devices)  # devices: the learner's in an actor-learner run
   _say(f"jaxrl_llm {cfg.kind}: {jax.device_count()} devices "
        f"({jax.devices()[0].platform}), {jax.process_count()} process(es), mesh "
        f"{dict(mesh.shape)}, workdir {workdir}")
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   model_cfg = model_config(cfg, tokenizer)
-  plan = memory.plan_for_experiment(cfg, model_cfg, jax.device_count())
+  plan = memory.plan_for_experiment(cfg, model_cfg, mesh.size, teacher=teacher)
   _say(plan.table())
   device_bytes = memory.device_memory_bytes()
   if device_bytes:
@@ -332,6 +350,8 @@ def _common(cfg: config_lib.ExperimentConfig, workdir: str, mode: str, extra_fn=
   p_sh = param_shardings(model_cfg, mesh, cfg.mesh.rules)
   params = initial_params(cfg, workdir, model_cfg, p_sh)
   tx = optim.make_optimizer(cfg.optim)
+  if model_cfg.lora is not None:
+    tx = lora.freeze_base(tx)  # optimizer state and updates for the adapters only
   state, shardings = create_train_state(model_cfg, tx, jax.random.key(cfg.seed), mesh,
                                         cfg.mesh.rules, params=params, extra_fn=extra_fn)
   _say(f"model: {model_cfg.family}, {model_cfg.num_params() / 1e6:.2f}M params, "
@@ -354,6 +374,9 @@ def run_sft(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
 
 
 def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  if cfg.trainer.actor_devices:  # asynchronous actor-learner on two device groups
+    from jaxrl_llm.rl import actor_learner
+    return actor_learner.run_rl_async(cfg, workdir)
   rl = cfg.rl
   if rl.length_shaping == "hapo" and rl.hapo_num_prompts < cfg.data.num_train:
     raise ValueError(f"rl.hapo_num_prompts={rl.hapo_num_prompts} must cover every training "
@@ -369,14 +392,28 @@ def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
       cfg.reward.components, tok, examples=examples,
       reward_model=None if rm is None else rm.reward_fn(),
       math_last_number_fallback=cfg.reward.math_last_number_fallback)
-  step = rl_lib.RLStep(model_cfg, rl, tx, reward_fn, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                       mesh=mesh, rules=cfg.mesh.rules,
-                       skip_nonfinite=True)
+  if rl.advantage == "gae":  # PPO: the critic joins the state (jaxrl_llm.rl.ppo_step)
+    from jaxrl_llm.rl import ppo_step as ppo_lib
+    state, sh, step = ppo_lib.build_ppo_step(cfg, model_cfg, tx, reward_fn, tok, mesh, state,
+                                             sh, say=_say)
+  elif rl.multiturn.enabled:  # turns with an environment between them (jaxrl_llm.rl.multiturn)
+    from jaxrl_llm.rl import multiturn as multiturn_lib
+    step = multiturn_lib.build_step(cfg, model_cfg, tx, reward_fn, tok, mesh)
+  else:
+    step = rl_lib.RLStep(model_cfg, rl, tx, reward_fn, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                         mesh=mesh, rules=cfg.mesh.rules,
+                         skip_nonfinite=True)
   ref_params = None
-  if rl.needs_reference:
+  if rl.needs_reference and model_cfg.lora is None:  # LoRA: the step reads the frozen base
     # The reference is the starting policy: copy it before the state is donated.
     ref_params = jax.tree.map(jnp.copy, state.params)
-  if cfg.trainer.split_mode:
+  if cfg.trainer.split_mode and rl.multiturn.enabled:
+    split = multiturn_lib.make_multiturn_split_step(
+        step, host_reward=multiturn_lib.final_turn_host_reward(registry.host_scorer(
+            cfg.reward.components, tok, examples,
+            math_last_number_fallback=cfg.reward.math_last_number_fallback)))
+    step_fn = lambda s, b, r: split(s, b, r, ref_params)
+  elif cfg.trainer.split_mode:
     split = rl_lib.make_split_step(step, host_reward=registry.host_scorer(
         cfg.reward.components, tok, examples,
         math_last_number_fallback=cfg.reward.math_last_number_fallback))
@@ -397,17 +434,43 @@ def run_dpo(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
   mode = "unpaired" if pref.unpaired else "preference"
   mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(cfg, workdir, mode)
   step = pref_lib.PreferenceStep(model_cfg, pref, tx, mesh=mesh, rules=cfg.mesh.rules)
-  ref_params = jax.tree.map(jnp.copy, state.params) if pref.needs_reference else None
+  ref_params = (jax.tree.map(jnp.copy, state.params)  # LoRA: the step reads the frozen base
+                if pref.needs_reference and model_cfg.lora is None else None)
+  if pref.reference_from or pref.guiding_steps:  # Pre-DPO: a guiding reference
+    ref_params = _guiding_reference(cfg, workdir, model_cfg, sh.params)
   jitted = pref_lib.jit_preference_step(step, sh, sh.params if ref_params is not None else None)
   step_fn = lambda s, b, r: jitted(s, b, r, ref_params)
   return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
                    "pref/pairs", evaluate))
 
 
+def _guiding_reference(cfg, workdir, model_cfg, param_shardings):
+  """Pre-DPO's π_ref: a finished run's params, or a first round trained here first."""
+  from jaxrl_llm.preference import pre_dpo
+  pref = cfg.preference
+  if model_cfg.lora is not None:
+    raise ValueError("preference.reference_from / guiding_steps with model.lora: a guiding "
+                     "reference is supported for full fine-tuning only; set model.lora.rank=0")
+  source = pref.reference_from
+  if pref.guiding_steps:
+    source = fileio.join(workdir, pre_dpo.GUIDING_DIR)
+    _say(f"Pre-DPO round 1: guiding reference, {pref.guiding_steps} steps in {source}")
+    run(pre_dpo.guiding_round_config(cfg, workdir), source)
+    _say("Pre-DPO round 2: the starting policy against the guiding reference")
+  _say(f"Reference params from {source}")
+  try:
+    return Checkpointer(source, create=False).restore_params(
+        _abstract_params(model_cfg, param_shardings))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"preference.reference_from={source!r}: {e}") from e
+
+
 def run_online_dpo(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
   """Online DPO / SEA / DICE: sample, score with the reward components, pair, update."""
   from jaxrl_llm.preference import online as online_lib
   online = cfg.online
+  if cfg.sea.enabled:  # SEA with an ensemble trained online (jaxrl_llm.preference.sea)
+    return _run_sea(cfg, workdir)
   mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(cfg, workdir, "rl")
   rm = restore_reward_model(cfg, tok, mesh)  # None unless reward.components use one
   if online.selection == "sea" and rm.num_heads < 2:
@@ -428,12 +491,35 @@ def run_online_dpo(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, 
           _abstract_params(model_cfg, sh.params))
     except FileNotFoundError as e:
       raise FileNotFoundError(f"online.reference_from={online.reference_from!r}: {e}") from e
-  elif online.preference.needs_reference:
+  elif online.preference.needs_reference and model_cfg.lora is None:  # LoRA: the frozen base
     ref_params = jax.tree.map(jnp.copy, state.params)
   rm_params, rm_sh = (None, None) if rm is None else (rm.params, rm.shardings)
   jitted = online_lib.jit_online_dpo_step(step, sh,
                                           sh.params if ref_params is not None else None, rm_sh)
   step_fn = lambda s, b, r: jitted(s, b, r, ref_params, rm_params)
+  return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
+                   "pref/pairs", evaluate))
+
+
+def _run_sea(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  """SEA as published: verifier-labelled pairs, an ensemble RM trained in the step."""
+  from jaxrl_llm.preference import online as online_lib
+  from jaxrl_llm.preference import sea as sea_lib
+  D = model_config(cfg, load_tokenizer(cfg.data.tokenizer)).hidden_size
+  extra_fn = lambda: sea_lib.init_extra(cfg.sea, D, jax.random.fold_in(jax.random.key(cfg.seed),
+                                                                       7))
+  mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(cfg, workdir, "rl", extra_fn)
+  reward_fn = registry.build_reward_fn(
+      cfg.reward.components, tok, examples=_host_examples(cfg, workdir),
+      math_last_number_fallback=cfg.reward.math_last_number_fallback)
+  base = online_lib.OnlineDPOStep(model_cfg, cfg.online, tx, reward_fn, eos_id=tok.eos_id,
+                                  pad_id=tok.pad_id, mesh=mesh, rules=cfg.mesh.rules)
+  ref_params = None
+  if cfg.online.preference.needs_reference and model_cfg.lora is None:  # also the features
+    ref_params = jax.tree.map(jnp.copy, state.params)
+  jitted = sea_lib.jit_sea_step(sea_lib.SEAStep(base, cfg.sea), sh,
+                                sh.params if ref_params is not None else None)
+  step_fn = lambda s, b, r: jitted(s, b, r, ref_params, None)
   return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
                    "pref/pairs", evaluate))
 
@@ -449,6 +535,8 @@ def run_reward_model(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str
   trunk = initial_params(cfg, workdir, model_cfg, param_shardings(model_cfg, mesh,
                                                                   cfg.mesh.rules))
   tx = optim.make_optimizer(cfg.optim)
+  if model_cfg.lora is not None:
+    tx = lora.freeze_base(tx)  # adapters and the head train; the trunk's base is frozen
   state, sh = rm_lib.create_reward_model_state(model_cfg, tx, jax.random.key(cfg.seed), mesh,
                                                cfg.mesh.rules, num_heads=rm.num_heads,
                                                trunk_params=trunk)
@@ -532,7 +620,8 @@ def run_iterative_dpo(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[st
   step = online_lib.IterativeDPO(model_cfg, it_cfg, tx, judge, eos_id=tok.eos_id,
                                  pad_id=tok.pad_id, mesh=mesh, rules=cfg.mesh.rules)
   ref_params = None
-  if it_cfg.preference.needs_reference and not it_cfg.update_reference:
+  if (it_cfg.preference.needs_reference and not it_cfg.update_reference
+      and model_cfg.lora is None):  # LoRA: the steps read the frozen base
     ref_params = jax.tree.map(jnp.copy, state.params)  # the starting policy, before donation
   rm_params, rm_sh = (None, None) if rm is None else (rm.params, rm.shardings)
   position = it.get_state()
@@ -552,6 +641,71 @@ def run_iterative_dpo(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[st
                    "pref/pairs", evaluate))
 
 
+def teacher_sft_config(cfg: config_lib.ExperimentConfig) -> config_lib.ExperimentConfig:
+  """The SFT stage that trains a distillation run's builtin / HF teacher on its task."""
+  d = cfg.distill
+  spec = config_lib.ModelSpec(source=d.teacher_source, builtin=d.teacher_builtin,
+                              path=d.teacher_path, dtype=d.teacher_dtype,
+                              param_dtype=d.teacher_dtype)
+  ws = config_lib.SFTWarmstart(num_steps=d.teacher_sft_steps,
+                               learning_rate=d.teacher_sft_learning_rate,
+                               batch_size=d.teacher_sft_batch_size)
+  staged = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, sft_warmstart=ws))
+  return dataclasses.replace(sft_warmstart_config(staged), model=spec)
+
+
+def run_distill(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  """Distillation (`jaxrl_llm.distill`): the teacher's params enter the jitted step.
+
+  With distill.teacher_sft_steps > 0 the teacher is first trained by SFT in
+  <workdir>/teacher (reused once finished); the student then starts as any run
+  does (trainer.init_from, its SFT warm-start, HF weights or a fresh init).
+  """
+  from jaxrl_llm import distill as distill_lib
+  d = cfg.distill
+  teacher_dir = ""
+  if d.teacher_sft_steps > 0:
+    teacher_dir = fileio.join(workdir, "teacher")
+    _say(f"Teacher: SFT for {d.teacher_sft_steps} steps in {teacher_dir}")
+    run(teacher_sft_config(cfg), teacher_dir)
+  mesh = sharding.make_mesh(cfg.mesh)
+  tok = load_tokenizer(cfg.data.tokenizer)
+  teacher = distill_lib.load_teacher(
+      d, mesh=mesh, rules=cfg.mesh.rules, tokenizer=tok, tokenizer_name=cfg.data.tokenizer,
+      model_config_fn=lambda spec: model_config(dataclasses.replace(cfg, model=spec), tok),
+      seed=cfg.seed, path=teacher_dir, say=_say)
+  _say(f"teacher: {teacher.model.family}, {teacher.model.num_params() / 1e6:.2f}M params, "
+       f"{teacher.description}; distill.mode={d.mode!r}")
+  extra_fn = (lambda: rl_lib.init_rl_extra(cfg.rl)) if d.mode == "on_policy" else dict
+  mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(
+      cfg, workdir, d.data_mode, extra_fn=extra_fn, teacher=teacher.model)
+  if d.mode != "on_policy":
+    step = distill_lib.DistillStep(model_cfg, teacher.model, d, tx, eos_id=tok.eos_id,
+                                   pad_id=tok.pad_id, microbatches=cfg.trainer.microbatches,
+                                   mesh=mesh, rules=cfg.mesh.rules)
+    jitted = distill_lib.jit_distill_step(step, sh, teacher.shardings)
+    return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it,
+                     lambda s, b, r: jitted(s, b, r, teacher.params), "train/tokens",
+                     evaluate))
+  rm = restore_reward_model(cfg, tok, mesh)  # None unless reward.components use one
+  reward_fn = registry.build_reward_fn(
+      cfg.reward.components, tok, examples=_host_examples(cfg, workdir),
+      reward_model=None if rm is None else rm.reward_fn(),
+      math_last_number_fallback=cfg.reward.math_last_number_fallback)
+  step = distill_lib.OnPolicyDistillStep(model_cfg, cfg.rl, tx, reward_fn, eos_id=tok.eos_id,
+                                         pad_id=tok.pad_id, mesh=mesh, rules=cfg.mesh.rules,
+                                         teacher=teacher.model, distill=d)
+  ref_params = None
+  if cfg.rl.needs_reference and model_cfg.lora is None:  # LoRA: the step reads the base
+    ref_params = jax.tree.map(jnp.copy, state.params)  # the starting policy, before donation
+  rm_params, rm_sh = (None, None) if rm is None else (rm.params, rm.shardings)
+  jitted = distill_lib.jit_on_policy_step(
+      step, sh, sh.params if ref_params is not None else None, rm_sh, teacher.shardings)
+  return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it,
+                   lambda s, b, r: jitted(s, b, r, ref_params, rm_params, teacher.params),
+                   "rl/completion_tokens", evaluate))
+
+
 RUNNERS: dict[str, Callable[[config_lib.ExperimentConfig, str], dict]] = {
     "sft": run_sft,
     "rl": run_rl,
@@ -559,6 +713,7 @@ RUNNERS: dict[str, Callable[[config_lib.ExperimentConfig, str], dict]] = {
     "online_dpo": run_online_dpo,
     "reward_model": run_reward_model,
     "iterative_dpo": run_iterative_dpo,
+    "distill": run_distill,
 }
 
 
@@ -568,9 +723,11 @@ def run(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
   if cfg.kind not in RUNNERS:
     raise ValueError(f"kind={cfg.kind!r} has no runner; choose one of {tuple(RUNNERS)}")
   fileio.makedirs(workdir)  # any path kind; names a missing package (gcsfs, ...)
-  mesh = sharding.make_mesh(cfg.mesh)
-  shards = sharding.batch_shards(mesh, cfg.mesh.rules)
-  if cfg.data.batch_size % shards:  # checked before any data is built or model compiled
+  # Checked before any data is built or model compiled (an actor-learner run checks its two
+  # meshes in actor_learner.run_rl_async).
+  mesh = sharding.make_mesh(cfg.mesh) if not cfg.trainer.actor_devices else None
+  shards = sharding.batch_shards(mesh, cfg.mesh.rules) if mesh is not None else 1
+  if cfg.data.batch_size % shards:
     raise ValueError(
         f"data.batch_size={cfg.data.batch_size} does not split over the {shards} batch shards "
         f"of the mesh {dict(mesh.shape)}: set data.batch_size to a multiple of {shards}, or "

@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 # Config arguments that select another code path of the same recipe.
-VARIANTS = {"dpo_jsonl.py": ["", "loss=kto"], "grpo_gsm8k.py": ["", "preset=grpo"]}
+VARIANTS = {"dpo_jsonl.py": ["", "loss=kto"], "grpo_gsm8k.py": ["", "preset=grpo"],
+            "distill_arithmetic.py": ["", "arm=grpo"]}
 FILE_DATA = {"jsonl": "gsm8k/{split}.jsonl", "preference_jsonl": "pairs/{split}.jsonl",
              "unpaired_jsonl": "unpaired/{split}.jsonl"}
 RECIPE_DATA = {"grpo_math.py": "math/{split}.jsonl"}  # else FILE_DATA by source
@@ -50,6 +51,11 @@ def _smoke(c, hf_dir, recipe=""):
   if c.trainer.sft_warmstart.num_steps:
     c.trainer.sft_warmstart.num_steps = 2
     c.trainer.sft_warmstart.batch_size = 8
+  if c.distill.teacher_sft_steps:  # distillation recipes: a 2-step teacher of the tiny size
+    c.distill.teacher_sft_steps = 2
+    c.distill.teacher_sft_batch_size = 8
+    if c.distill.teacher_source == "builtin":
+      c.distill.teacher_builtin = "tiny"
   c.checkpoint.save_interval_steps = 1
   c.checkpoint.async_save = False
   c.eval.num_examples = min(c.eval.num_examples, 4)
@@ -122,7 +128,7 @@ def test_recipe_runs_two_steps(path, arg, hf_instruct, tmp_path, request):
 def test_every_recipe_is_exercised():
   """A new recipe must be runnable by _smoke (it is parametrized above from the directory)."""
   names = {os.path.basename(p) for p in CONFIGS}
-  assert {"quickstart.py", "grpo_gsm8k.py", "dpo_jsonl.py"} <= names
+  assert {"quickstart.py", "grpo_gsm8k.py", "dpo_jsonl.py", "distill_arithmetic.py"} <= names
 
 
 def test_grpo_gsm8k_reward_and_launch_eval_agree(hf_instruct, tmp_path):

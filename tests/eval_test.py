@@ -99,6 +99,37 @@ def test_samples_do_not_depend_on_batch_size(tiny_setup, tmp_path):
   assert small["eval/pass@1"] <= small["eval/pass@2"] <= small["eval/pass@4"]
 
 
+def test_sampled_rows_equal_independent_rows_of_the_plain_sampler(tiny_setup, tmp_path):
+  """Shared prefill per problem and compaction change nothing: each stored sample is the
+  plain sampler's completion of that problem's prompt with that row's own key."""
+  import jax
+  tok, cfg, params, data, examples, mesh = tiny_setup
+  n = 4
+  ev = _evaluator(tiny_setup, tmp_path, greedy=False, num_samples=n, temperature=2.0,
+                  compaction_min_rows=2)
+  ev(params, None)
+  stored = [[s["text"] for s in json.loads(l)["samples"][0]]
+            for l in open(tmp_path / "eval" / "results.jsonl")]
+  P = ev.P
+  problem = np.repeat(np.arange(len(ev.examples)), n)
+  sample_id = np.tile(np.arange(n), len(ev.examples))
+  tokens = np.full((len(problem), P), tok.pad_id, np.int32)
+  mask = np.zeros((len(problem), P), np.int32)
+  for r, i in enumerate(problem):
+    ids = ev.prompt_ids[i]
+    tokens[r, P - len(ids):], mask[r, P - len(ids):] = ids, 1
+  keys = eval_lib._row_keys(0, jax.numpy.int32(0), problem, sample_id)
+  out = eval_lib.sample(cfg, params, tokens, mask, keys, max_new_tokens=4, temperature=2.0,
+                        stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)
+  texts = []
+  for r in range(len(problem)):
+    ids = [int(t) for t in out.tokens_BL[r, :int(out.lengths_B[r])]]
+    if bool(out.finished_B[r]) and ids and ids[-1] == tok.eos_id:
+      ids = ids[:-1]
+    texts.append(tok.decode(ids))
+  assert stored == [texts[i * n:(i + 1) * n] for i in range(len(ev.examples))]
+
+
 def test_metrics_match_the_written_results(tiny_setup, tmp_path):
   """The aggregate metrics are recomputed from the per-problem JSONL."""
   params = tiny_setup[2]

@@ -178,3 +178,46 @@ def test_clipping_off_with_zero():
   params = {"w": jnp.ones((2, 2))}
   updates, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
   assert updates["w"].shape == (2, 2)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"optimizer": "lion"}, "optimizer"),
+    ({"momentum_reset_interval": -1}, "momentum_reset_interval"),
+    ({"reset_warmup_steps": 1.5}, "reset_warmup_steps"),
+    ({"spike_clip_delay": 0}, "spike_clip_delay"),
+    ({"spike_threshold": -1.0}, "spike_threshold"),
+    ({"norm_gamma1": 1.0}, "norm_gamma1"),
+    ({"clip_gamma3": -0.5}, "clip_gamma3"),
+])
+def test_invalid_spam_config(kwargs, field):
+  with pytest.raises(ValueError, match=f"OptimConfig.{field}="):
+    optim.OptimConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["spam", "stable_spam"])
+def test_spam_optimizers_equal_adamw_on_a_smooth_first_step(name):
+  # Before any reset or spike, step 0 of SPAM is Adam's; Stable-SPAM's first
+  # step is Adam's on a rescaled gradient, and Adam's first step is sign(g).
+  # Decay and learning rate are applied as in AdamW.
+  base = dict(learning_rate=0.1, weight_decay=0.5, grad_clip_norm=None)
+  params = {"w": jnp.full((2, 3), 2.0), "norm": jnp.ones((3,))}
+  grads = {"w": jnp.arange(6.0).reshape(2, 3) - 2.5, "norm": jnp.array([1.0, -3.0, 0.5])}
+  ref_tx = optim.make_optimizer(optim.OptimConfig(**base))
+  tx = optim.make_optimizer(optim.OptimConfig(optimizer=name, **base))
+  ref, _ = ref_tx.update(grads, ref_tx.init(params), params)
+  got, _ = tx.update(grads, tx.init(params), params)
+  chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-6)
+  # -lr * (sign(g) + wd * w) for the decayed matrix, -lr * sign(g) for the norm.
+  np.testing.assert_allclose(got["norm"], [-0.1, 0.1, -0.1], rtol=1e-5)
+
+
+def test_spam_fields_reach_the_experiment_config():
+  import ml_collections
+
+  from jaxrl_llm import config as config_lib
+  c = ml_collections.ConfigDict({"optimizer": "stable_spam", "momentum_reset_interval": 1000})
+  cfg = config_lib.from_dict(optim.OptimConfig, c, "config.optim")
+  assert cfg.optimizer == "stable_spam"
+  assert cfg.momentum_reset_interval == 1000
+  with pytest.raises(ValueError, match="config.optim: OptimConfig.optimizer="):
+    config_lib.from_dict(optim.OptimConfig, {"optimizer": "spamm"}, "config.optim")

@@ -7,6 +7,8 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from jaxrl_llm.lora import LoraConfig
+
 FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -75,6 +77,7 @@ class ModelConfig:
   remat: str = "none"           # rematerialisation policy of each layer
   attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation
   scan_layers: bool = True      # lax.scan over stacked layers (fast compile)
+  lora: Optional[LoraConfig] = None  # low-rank adapters (`jaxrl_llm.lora`); None: none
 
   def __post_init__(self):
     def _check(cond, msg):
@@ -111,6 +114,10 @@ class ModelConfig:
     _check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    if isinstance(self.lora, dict):
+      object.__setattr__(self, "lora", LoraConfig(**self.lora))
+    if self.lora is not None and not self.lora.enabled:
+      object.__setattr__(self, "lora", None)  # rank 0: no adapters
 
   @property
   def resolved_head_dim(self) -> int:

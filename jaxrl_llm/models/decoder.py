@@ -18,6 +18,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm import lora as lora_lib
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.sharding import constrain
 
@@ -57,6 +58,8 @@ def param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str,
     table["layers/k_norm"] = ((L, H), ("layers", "norm"))
   if not cfg.tie_embeddings:
     table["lm_head"] = ((D, V), ("embed", "vocab"))
+  if cfg.lora is not None:  # adapters next to their projections (`jaxrl_llm.lora`)
+    table.update(lora_lib.adapter_table(table, cfg.lora))
   return table
 
 
@@ -83,7 +86,12 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
-  """Random parameters: normal(0, 0.02) weights, ones for norms, zeros for biases."""
+  """Random parameters: normal(0, 0.02) weights, ones for norms, zeros for biases;
+  LoRA adapters (when cfg.lora is set) as `lora.add_adapters` makes them."""
+  if cfg.lora is not None:
+    base_rng, adapter_rng = jax.random.split(rng)
+    return lora_lib.add_adapters(cfg.lora, init_params(cfg.replace(lora=None), base_rng),
+                                 adapter_rng)
   table = param_table(cfg)
   keys = jax.random.split(rng, len(table))
   flat = {}
@@ -172,17 +180,26 @@ def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS, kv_len_B=None):
 
 
 def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, kv_fn,
-           kv_len_B=None):
+           kv_len_B=None, lora_dropout_key=None):
   """One pre-norm block: x + attn(norm(x)); x + mlp(norm(x)).
 
   `kv_fn(k_BTKH, v_BTKH) -> (k_BSKH, v_BSKH, mask_BTS, aux)` supplies the keys
   the queries attend to (the same tokens, or a KV cache) and the mask.
+  `lora_dropout_key` (training only): this layer's key for the adapters' input
+  dropout (`lora.dropout_fn`), one independent mask per projection.
   """
   dt = cfg.compute_dtype
+  scale = None if cfg.lora is None else cfg.lora.scale
+
+  def proj(eq, x, name):
+    """A projection, plus its low-rank update s·(x·A)·B where the params hold adapters."""
+    drop = (None if lora_dropout_key is None or cfg.lora is None else
+            lora_lib.dropout_fn(cfg.lora, lora_dropout_key, name))
+    return lora_lib.projection(eq, x, lp, name, dt, scale, drop)
   h = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
-  q = jnp.einsum("BTD,DNH->BTNH", h, lp["q"].astype(dt))
-  k = jnp.einsum("BTD,DKH->BTKH", h, lp["k"].astype(dt))
-  v = jnp.einsum("BTD,DKH->BTKH", h, lp["v"].astype(dt))
+  q = proj("BTD,DNH->BTNH", h, "q")
+  k = proj("BTD,DKH->BTKH", h, "k")
+  v = proj("BTD,DKH->BTKH", h, "v")
   if cfg.qkv_bias:
     q = q + lp["q_bias"].astype(dt)
     k = k + lp["k_bias"].astype(dt)
@@ -195,14 +212,14 @@ def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, kv_fn,
   q = constrain(q, ("act_batch", "act_len", "act_heads", None))
   k_all, v_all, mask_BTS, aux = kv_fn(k, v)
   attn_BTNH = attention(cfg, q, k_all, v_all, mask_BTS, kv_len_B)
-  x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", attn_BTNH, lp["o"].astype(dt))
+  x_BTD = x_BTD + proj("BTNH,NHD->BTD", attn_BTNH, "o")
   x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
 
   h = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
-  gate = jnp.einsum("BTD,DF->BTF", h, lp["gate"].astype(dt))
-  up = jnp.einsum("BTD,DF->BTF", h, lp["up"].astype(dt))
+  gate = proj("BTD,DF->BTF", h, "gate")
+  up = proj("BTD,DF->BTF", h, "up")
   act = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
-  x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", act, lp["down"].astype(dt))
+  x_BTD = x_BTD + proj("BTF,FD->BTD", act, "down")
   x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
   return x_BTD, aux
 
@@ -250,8 +267,12 @@ def unembed(cfg: ModelConfig, params: Params, h_BTD: jax.Array) -> jax.Array:
 
 def hidden_states(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
                   positions_BT: Optional[jax.Array] = None,
-                  segment_ids_BT: Optional[jax.Array] = None) -> jax.Array:
+                  segment_ids_BT: Optional[jax.Array] = None,
+                  lora_dropout_rng: Optional[jax.Array] = None) -> jax.Array:
   """Final-norm hidden states [B, T, D] of a full (uncached) forward.
+
+  lora_dropout_rng: training-time dropout on the LoRA adapters' inputs
+    (cfg.lora.dropout; one key per layer is split from it). None: no dropout.
 
   segment_ids_BT: 0 marks padding, equal positive ids mark one sequence; a
     token attends to earlier tokens of its own segment (left padding and
@@ -271,12 +292,16 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
   def kv_fn(k, v):
     return k, v, mask_BTS, None
 
-  def body(x, lp):
-    x, _ = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn)
+  dropout = (lora_dropout_rng is not None and cfg.lora is not None and cfg.lora.dropout > 0)
+  layer_xs = ((params["layers"], jax.random.split(lora_dropout_rng, cfg.num_layers))
+              if dropout else (params["layers"], None))
+
+  def body(x, xs):
+    lp, key = xs
+    x, _ = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn, lora_dropout_key=key)
     return x, None
 
-  x, _ = _scan_layers(cfg, _maybe_remat(cfg, body), embed(cfg, params, tokens_BT),
-                      params["layers"])
+  x, _ = _scan_layers(cfg, _maybe_remat(cfg, body), embed(cfg, params, tokens_BT), layer_xs)
   return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 

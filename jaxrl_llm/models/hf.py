@@ -517,7 +517,7 @@ def _placement(shardings: Any, path: str):
 
 
 def load_hf(path: PathLike, dtype: str = "float32", *, param_dtype: str | None = None,
-            strict: bool = True, shardings: Any = None,
+            strict: bool = True, shardings: Any = None, lora_adapter: PathLike | None = None,
             **overrides) -> tuple[ModelConfig, Params]:
   """Reads a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory.
 
@@ -535,6 +535,11 @@ def load_hf(path: PathLike, dtype: str = "float32", *, param_dtype: str | None =
       leaf, or a params-shaped pytree of them (e.g. from
       `jaxrl_llm.sharding.tree_shardings`); each leaf is placed as soon as it
       is assembled on the host.
+    lora_adapter: a Hugging Face PEFT LoRA adapter directory
+      (adapter_config.json + adapter_model.safetensors) to add on top of the
+      base: the returned cfg.lora comes from its config and the params carry
+      its adapters (`jaxrl_llm.models.peft.load_peft`); `shardings`, when a
+      pytree, is then the adapted model's.
     **overrides: further `ModelConfig` fields (e.g. remat="full").
 
   Returns:
@@ -545,6 +550,14 @@ def load_hf(path: PathLike, dtype: str = "float32", *, param_dtype: str | None =
     ValueError: unsupported architecture / config fields, missing tensors,
       tensors of the wrong shape, unexpected tensors (strict).
   """
+  if lora_adapter is not None:  # the base first, then its adapters (jaxrl_llm.models.peft)
+    from jaxrl_llm import lora as lora_lib
+    from jaxrl_llm.models import peft
+    base_sh = (lora_lib.base_params(shardings) if isinstance(shardings, dict) else shardings)
+    cfg, params = load_hf(path, dtype, param_dtype=param_dtype, strict=strict,
+                          shardings=base_sh, **overrides)
+    return peft.load_peft(cfg, params, lora_adapter,
+                          shardings=shardings if isinstance(shardings, dict) else None)
   path = Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"Hugging Face checkpoint directory {path} does not exist")
@@ -654,9 +667,20 @@ def save_hf(cfg: ModelConfig, params: Params, path: PathLike, *,
       bos/eos/pad token ids found in the config.
     overwrite: replace an existing non-empty directory.
 
+  Params with LoRA adapters are written merged (W + s·A·B, `lora.merge`),
+  as a plain model; `jaxrl_llm.models.peft.save_peft` writes the adapters
+  alone.
+
   Returns:
     The checkpoint directory.
   """
+  from jaxrl_llm import lora as lora_lib
+  if lora_lib.has_adapters(params):
+    if cfg.lora is None:
+      raise ValueError("save_hf: the params carry LoRA adapters but cfg.lora is None: pass the "
+                       "model config of the LoRA run")
+    params = lora_lib.merge(params, cfg.lora.scale)
+  cfg = cfg.replace(lora=None)
   path = Path(path)
   if shard_size_bytes <= 0:
     raise ValueError(f"shard_size_bytes must be > 0, got {shard_size_bytes}")

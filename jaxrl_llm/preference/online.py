@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrl_llm import sharding
+from jaxrl_llm import lora, sharding
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.preference.step import (
@@ -251,9 +251,11 @@ class OnlineDPOStep:
   def rollout(self, params, batch, rng) -> dict[str, jax.Array]:
     on = self.online
     rows = _repeat(dict(batch), on.num_samples)
-    out = sample(self.model, params, rows["prompt_tokens"], rows["prompt_mask"], rng,
+    # Each prompt prefilled once for its G samples: the same samples as the repeated rows.
+    out = sample(self.model, params, batch["prompt_tokens"], batch["prompt_mask"], rng,
                  max_new_tokens=on.max_new_tokens, temperature=on.temperature, top_k=on.top_k,
-                 top_p=on.top_p, stop_tokens=(self.eos_id,), pad_id=self.pad_id)
+                 top_p=on.top_p, stop_tokens=(self.eos_id,), pad_id=self.pad_id,
+                 group_size=on.num_samples)
     return dict(rows, completion=out.tokens_BL, completion_mask=out.mask_BL,
                 finished=out.finished_B, lengths=out.lengths_B)
 
@@ -318,7 +320,8 @@ class OnlineDPOStep:
       ro = self.rollout(state.params, batch, rollout_rng)
       rewards_B, comps = self.score(ro, reward_params)
       chosen, rejected, valid, extra, scores_B = self.select(
-          state.params, ro, rewards_B, comps, select_rng, ref_params)
+          state.params, ro, rewards_B, comps, select_rng,
+          lora.reference_or(ref_params, state.params))  # LoRA: the adapters' starting model
       pairs = pairs_from_samples(batch["prompt_tokens"], batch["prompt_mask"], ro["completion"],
                                  ro["completion_mask"], chosen, rejected, valid)
       pairs.update(extra)
@@ -548,9 +551,9 @@ class IterativeDPO:
     G = on.num_samples
     with sharding.activation_rules(self.mesh, self.rules):
       rows = _repeat(dict(batch), G)
-      out = sample(self.model, params, rows["prompt_tokens"], rows["prompt_mask"], rng,
+      out = sample(self.model, params, batch["prompt_tokens"], batch["prompt_mask"], rng,
                    max_new_tokens=on.max_new_tokens, temperature=on.temperature,
-                   stop_tokens=(self.eos_id,), pad_id=self.pad_id)
+                   stop_tokens=(self.eos_id,), pad_id=self.pad_id, group_size=G)
       task = {k: v for k, v in rows.items() if k not in PROMPT_KEYS}
       inputs = RewardInputs(rows["prompt_tokens"], rows["prompt_mask"], out.tokens_BL,
                             out.mask_BL, out.finished_B, task)
@@ -567,7 +570,7 @@ class IterativeDPO:
       pairs = pairs_from_samples(batch["prompt_tokens"], batch["prompt_mask"], out.tokens_BL,
                                  out.mask_BL, chosen, rejected, valid)
       if on.preference.needs_reference:
-        ref = params if on.update_reference else ref_params
+        ref = params if on.update_reference else lora.reference_or(ref_params, params)
         if ref is None:
           raise ValueError("iterative DPO with update_reference=False needs ref_params (the "
                            "fixed π_ref)")

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrl_llm import sharding
+from jaxrl_llm import lora, sharding
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.preference import losses
@@ -89,6 +89,13 @@ class PreferenceConfig:
   reference: str = "on_the_fly"     # one of REFERENCE_MODES
   logprob_chunk: int = 512          # time chunk of the float32 log-softmax
   microbatches: int = 1             # exact gradient accumulation
+  # Pre-DPO (`jaxrl_llm.preference.pre_dpo`): π_ref is a guiding reference instead of the
+  # starting policy: the params of a finished run's workdir (reference_from), or a first
+  # round of `guiding_steps` steps with `guiding_losses` (() = losses) run first in
+  # <workdir>/guiding_reference from the same starting params.
+  reference_from: str = ""
+  guiding_steps: int = 0
+  guiding_losses: tuple[tuple[str, float], ...] = ()
 
   def __post_init__(self):
     def fail(msg):
@@ -126,6 +133,9 @@ class PreferenceConfig:
         fail(f"{opt}={getattr(self, opt)} is taken by none of the selected losses {names}")
     if "kto" not in names and (self.lambda_d != 1.0 or self.lambda_u != 1.0):
       fail("lambda_d / lambda_u apply to 'kto' only")
+    if self.reference_from or self.guiding_steps or self.guiding_losses:
+      from jaxrl_llm.preference import pre_dpo
+      pre_dpo.validate(self, fail)
     if "bco_pair" in names and self.delta is None and self.microbatches > 1:
       fail("bco_pair with delta=None uses each micro-batch's own mean reward as the shift, "
            "which is not exact under micro-batching; pass delta (a running mean) or use "
@@ -293,6 +303,10 @@ class PreferenceStep:
     first = pref.losses[0][0]
     for k in _PAIR_METRICS:
       sums[f"pref/{k}"] = jnp.sum(w * m[f"{first}/{k}_B"])
+    # DPO's per-pair gradient weight σ(−β·h): how the reference re-weights the data (Pre-DPO).
+    weight_N = jax.nn.sigmoid(-m[f"{first}/margin_B"])
+    sums["pref/dpo_weight"] = jnp.sum(w * weight_N)
+    sums["pref/dpo_weight_sq"] = jnp.sum(w * jnp.square(weight_N))
     return jnp.sum(w * loss_N), (jnp.sum(w), sums)
 
   def kto_loss(self, params, mb, kl_ref):
@@ -337,7 +351,8 @@ class PreferenceStep:
   def update(self, state: TrainState, batch, ref_params=None):
     """REFERENCE → FORWARD/LOSS → UPDATE (call inside `activation_rules`)."""
     pref = self.pref
-    batch = self.with_reference(batch, ref_params)
+    # Under LoRA with no ref_params: the adapters' starting model, sharing the frozen base.
+    batch = self.with_reference(batch, lora.reference_or(ref_params, state.params))
     if pref.unpaired:
       keys = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask", "label",
               "pair_weight", "ref_completion_logps")
@@ -362,6 +377,8 @@ class PreferenceStep:
     else:
       metrics["loss/total"] = sum(w * sums[f"loss/{n}"] for n, w in pref.losses) / safe
       metrics.update({k: v / safe for k, v in sums.items()})
+      metrics["pref/dpo_weight_std"] = jnp.sqrt(jnp.maximum(
+          metrics.pop("pref/dpo_weight_sq") - jnp.square(metrics["pref/dpo_weight"]), 0.0))
     metrics["pref/pairs"] = denom
     return new_state.replace(step=state.step + 1), metrics
 

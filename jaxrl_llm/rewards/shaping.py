@@ -19,7 +19,7 @@ Sources:
              Compression" (Wen et al., 2025).
   CAMPO      "MiroMind-M1: An Open-Source Advancement in Mathematical Reasoning
              via Context-Aware Multi-Stage Policy Optimization" (2025).
-The DAPO overlong penalty lives in `jaxrl_llm.rl.policy_losses.overlong_penalty`.
+The DAPO overlong penalty lives in `jaxrl_llm.rl.advantages.overlong_penalty`.
 
 Shape suffixes (note: P counts prompts here, not prompt tokens):
   B: completions in the batch, B = P × G, grouped contiguously.

@@ -600,7 +600,8 @@ def weight_by_outcome(
   ``success_B`` is bool, or numeric with nonzero meaning success. ``adv_B``
   may also be per token (B, T); the weight is broadcast over T. λ_pos = 0
   trains on negative samples only, which alone rivals full RL, and W-REINFORCE
-  uses λ_pos ≈ 0.1 ("Dissecting Long Reasoning Models", Zhu et al. 2025).
+  uses λ_pos = 0.1 (Zhu et al. 2025, "The Surprising Effectiveness of Negative
+  Reinforcement in LLM Reasoning").
   """
   adv_B = _float(adv_B)
   success_B = jnp.asarray(success_B)

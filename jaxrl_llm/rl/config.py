@@ -6,9 +6,16 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from jaxrl_llm.envs.config import MultiTurnConfig
 from jaxrl_llm.rl import advantages, policy_losses, registry
+from jaxrl_llm.rl import anchor as anchor_lib
+from jaxrl_llm.rl.anchor import AnchorConfig
+from jaxrl_llm.rl.critic import CriticConfig
+from jaxrl_llm.rl.off_policy import OffPolicyConfig
 
 LENGTH_SHAPINGS = ("none", "dler", "hapo", "grpo_lambda")
+# advantage="gae": PPO with a learned critic (rl.critic; `jaxrl_llm.rl.ppo_step`).
+GAE = "gae"
 MAX_LEN_SCHEDULES = ("none", "siri", "staged")
 
 # Options RLConfig sets from its own fields: {option name: RLConfig field}.
@@ -106,6 +113,19 @@ class RLConfig:
   repetition_warmup_steps: int = 0
   # NUMERICS
   logprob_chunk: int = 512
+  # Length-bucketed update: rows ordered by length, each micro-batch cut to the smallest
+  # of this many static widths holding its completions (jaxrl_llm.rl.length_buckets);
+  # 1 turns it off. Same loss and gradients, fewer padded columns.
+  length_buckets: int = 4
+  # ASYNCHRONOUS ACTOR-LEARNER (jaxrl_llm.rl.actor_learner; needs trainer.actor_devices > 0)
+  async_lag: int = 0                  # the actor samples with params this many updates old
+  off_policy: OffPolicyConfig = OffPolicyConfig()  # tis | mis | vtrace | remix corrections
+  # PPO WITH A LEARNED CRITIC: read when advantage="gae" (jaxrl_llm.rl.critic)
+  critic: CriticConfig = CriticConfig()
+  # MULTI-TURN ROLLOUTS with an environment (jaxrl_llm.rl.multiturn; enabled=True)
+  multiturn: MultiTurnConfig = MultiTurnConfig()
+  # ACNCHOR: the reference solution injected into all-fail groups (jaxrl_llm.rl.anchor)
+  anchor: AnchorConfig = AnchorConfig()
 
   def __post_init__(self):
     def check(cond, field, msg):
@@ -123,9 +143,14 @@ class RLConfig:
     check(len(self.forced_prefix) <= self.max_new_tokens, "forced_prefix",
           f"is longer than max_new_tokens={self.max_new_tokens}")
     # The registries are read live, so registered estimators and losses validate.
-    check(self.advantage in advantages.advantage_estimator_names(), "advantage",
-          f"choose one of {advantages.advantage_estimator_names()} (or register one with "
-          f"advantages.register_advantage_estimator)")
+    check(self.advantage in advantages.advantage_estimator_names() + (GAE,), "advantage",
+          f"choose one of {advantages.advantage_estimator_names() + (GAE,)} (or register one "
+          f"with advantages.register_advantage_estimator)")
+    if isinstance(self.critic, Mapping):
+      object.__setattr__(self, "critic", CriticConfig(**self.critic))
+    if self.advantage != GAE:
+      check(self.critic == CriticConfig(), "critic", "is only read by PPO with a learned critic: "
+            "set advantage='gae' (the 'ppo' preset), or leave rl.critic at its defaults")
     if self.advantage == "rloo":
       check(self.group_size >= 2, "group_size", "rloo needs at least 2 completions per prompt")
     check(self.policy_loss in policy_losses.policy_loss_names(), "policy_loss",
@@ -134,9 +159,13 @@ class RLConfig:
     object.__setattr__(self, "advantage_kwargs",
                        _normalize_kwargs("advantage_kwargs", self.advantage_kwargs))
     object.__setattr__(self, "loss_kwargs", _normalize_kwargs("loss_kwargs", self.loss_kwargs))
-    _check_kwargs("advantage_kwargs", self.advantage_kwargs, self.advantage,
-                  advantages.get_advantage_estimator(self.advantage), ADVANTAGE_OPTION_FIELDS,
-                  _ADVANTAGE_RESERVED)
+    if self.advantage == GAE:  # GAE's options are the rl.critic fields
+      check(not self.advantage_kwargs, "advantage_kwargs", "advantage='gae' takes its options "
+            "from rl.critic (gamma, lam, actor_lam, whiten_advantages); clear advantage_kwargs")
+    else:
+      _check_kwargs("advantage_kwargs", self.advantage_kwargs, self.advantage,
+                    advantages.get_advantage_estimator(self.advantage), ADVANTAGE_OPTION_FIELDS,
+                    _ADVANTAGE_RESERVED)
     _check_kwargs("loss_kwargs", self.loss_kwargs, self.policy_loss,
                   policy_losses.get_policy_loss(self.policy_loss), LOSS_OPTION_FIELDS,
                   _LOSS_RESERVED)
@@ -146,8 +175,9 @@ class RLConfig:
           f"choose one of {policy_losses.KL_KINDS}")
     check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
     if self.kl_in_reward:
-      check(self.advantage == "reinforce_pp", "kl_in_reward",
-            "the KL-in-reward form needs advantage='reinforce_pp'; otherwise put it in the loss")
+      check(self.advantage in ("reinforce_pp", GAE), "kl_in_reward",
+            "the KL-in-reward form needs advantage='reinforce_pp' or 'gae'; otherwise put it in "
+            "the loss")
     check(self.epochs >= 1, "epochs", "must be >= 1")
     check(self.minibatches >= 1, "minibatches", "must be >= 1")
     check(self.microbatches >= 1, "microbatches", "must be >= 1")
@@ -180,6 +210,25 @@ class RLConfig:
             "every stage length must be in (0, max_new_tokens]")
     check(self.tis_cap >= 0, "tis_cap", "must be >= 0 (0 disables TIS)")
     check(self.logprob_chunk >= 1, "logprob_chunk", "must be >= 1")
+    check(isinstance(self.length_buckets, int) and self.length_buckets >= 1, "length_buckets",
+          "must be an int >= 1 (1 turns length bucketing off)")
+    check(self.async_lag >= 0, "async_lag", "must be >= 0 (0: the actor uses the newest params)")
+    if isinstance(self.off_policy, Mapping):
+      object.__setattr__(self, "off_policy", OffPolicyConfig(**self.off_policy))
+    if isinstance(self.multiturn, Mapping):
+      object.__setattr__(self, "multiturn", MultiTurnConfig(**self.multiturn))
+    if self.multiturn.enabled:
+      check(self.advantage not in (GAE, "remax"), "advantage", "is not supported with "
+            "rl.multiturn (no critic, no greedy baseline over trajectories): use grpo, "
+            "dr_grpo, rloo or another critic-free estimator")
+      check(self.max_len_schedule == "none", "max_len_schedule", "is not supported with "
+            "rl.multiturn; the per-turn budget is rl.multiturn.turn_tokens")
+    if self.off_policy.correction in ("tis", "mis"):
+      check(self.tis_cap == 0, "tis_cap", "is set together with rl.off_policy.correction="
+            f"{self.off_policy.correction!r}: use one of them (rl.off_policy.is_cap is its C)")
+    if isinstance(self.anchor, Mapping):
+      object.__setattr__(self, "anchor", AnchorConfig(**self.anchor))
+    anchor_lib.validate(self, check)
 
   @property
   def needs_reference(self) -> bool:
@@ -326,6 +375,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # REINFORCE++: batch whitening, KL folded into the token rewards.
     "reinforce_pp": dict(advantage="reinforce_pp", policy_loss="ppo_clip",
                          aggregation="token_mean", kl_coef=0.01, kl_in_reward=True),
+    # PPO with a learned critic: token-level GAE with decoupled λ (VC-PPO / VAPO:
+    # λ_critic = 1, λ_actor = 0.95), clipped value loss, whitened advantages, token-mean.
+    "ppo": dict(advantage=GAE, policy_loss="ppo_clip", aggregation="token_mean",
+                eps_low=0.2, eps_high=0.2, kl_coef=0.0,
+                critic=CriticConfig(init="policy", gamma=1.0, lam=1.0, actor_lam=0.95,
+                                    value_clip=0.2, whiten_advantages=True)),
 }
 
 

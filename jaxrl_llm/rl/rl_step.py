@@ -30,19 +30,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrl_llm import sampling, sharding
+from jaxrl_llm import lora, sampling, sharding
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.rewards import shaping
 from jaxrl_llm.rewards.base import RewardInputs
 from jaxrl_llm.rewards.registry import LABEL_COMPONENTS
-from jaxrl_llm.rl import advantages, policy_losses
+from jaxrl_llm.rl import advantages, anchor, length_buckets, off_policy, policy_losses
 from jaxrl_llm.rl.config import RLConfig
 from jaxrl_llm.train_state import TrainState, accumulate_gradients, apply_update
 
 # (total_B, {component name: value_B}); "correct" marks success when present.
 RewardFn = Callable[[RewardInputs], tuple[jax.Array, Mapping[str, jax.Array]]]
 PROMPT_KEYS = ("prompt_tokens", "prompt_mask")
+# The per-row arrays the policy update reads (those present).
+TRAIN_KEYS = ("prompt_tokens", "prompt_mask", "completion", "completion_mask", "sampler_logp",
+              "loss_mask", "adv", "ref_logp", "old_logp")
 
 
 def _repeat(tree, group_size):
@@ -126,6 +129,10 @@ class RLStep:
     """
     rl = self.rl
     rows = _repeat(dict(batch), rl.group_size)
+    if self.model.lora is not None and self.model.lora.merged_rollout:
+      # LoRA: W + s·A·B formed once per rollout (compute dtype) instead of the low-rank path
+      # at every decoded token (`lora.merge`).
+      params = lora.merge(params, self.model.lora.scale, dtype=self.model.compute_dtype)
     params = decoder.decode_params(self.model, params)  # once for both samplers (remax)
     processor = self.rollout_processor()
     budget = None if rl.max_len_schedule == "none" else self.max_len_now(step)
@@ -231,12 +238,31 @@ class RLStep:
                                   temperature=self.rl.temperature,
                                   chunk_size=self.rl.logprob_chunk, with_entropy=True)
 
+  @property
+  def length_widths(self) -> tuple[int, ...]:
+    """Static completion widths of the length-bucketed update (`rl.length_buckets`)."""
+    return length_buckets.bucket_widths(self.rl.max_new_tokens, self.rl.length_buckets)
+
   def _batched_logprobs(self, params, rows):
-    """Log-probs without gradient, micro-batch by micro-batch (bounded memory)."""
+    """Log-probs without gradient, micro-batch by micro-batch (bounded memory); rows
+    ordered by length and each chunk cut to its bucket width (`length_buckets`)."""
     n = self.rl.microbatches * self.rl.minibatches
+    rows = {k: rows[k] for k in ("prompt_tokens", "prompt_mask", "completion",
+                                 "completion_mask")}
+    widths = self.length_widths
+    order_B = None
+    if len(widths) > 1 and n > 1:
+      order_B = jnp.argsort(length_buckets.completion_lengths(rows["completion_mask"]),
+                            stable=True)
+      rows = jax.tree.map(lambda x: x[order_B], rows)
+    fn = length_buckets.bucketed_per_token(self.completion_logprobs, widths,
+                                           self.rl.max_new_tokens)
     split = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), rows)
-    logp, _ = jax.lax.map(lambda r: self.completion_logprobs(params, r), split)
-    return jax.lax.stop_gradient(logp.reshape((-1,) + logp.shape[2:]))
+    logp, _ = jax.lax.map(lambda r: fn(params, r), split)
+    logp = logp.reshape((-1,) + logp.shape[2:])
+    if order_B is not None:
+      logp = jnp.zeros_like(logp).at[order_B].set(logp)  # back to the rollout's row order
+    return jax.lax.stop_gradient(logp)
 
   # ---------------------------------------------------------------- UPDATE
   def loss(self, params, mb):
@@ -249,11 +275,19 @@ class RLStep:
                                             **rl.loss_options())
     if rl.tis_cap > 0:
       loss_BL = loss_BL * policy_losses.tis_weights(old, mb["sampler_logp"], rl.tis_cap)
+    off_sums = {}
+    if rl.off_policy.correction != "none":  # stale rollouts (rl.actor_learner)
+      loss_BL, pm, off_sums = off_policy.corrected_policy_loss(
+          rl.off_policy, loss_BL, pm, logp, old, mb, mask, eps_low=rl.eps_low,
+          eps_high=rl.eps_high)
     agg = lambda x: policy_losses.aggregate(x, mask, rl.aggregation, max_len=rl.max_new_tokens)
     total, denom = agg(loss_BL)
     sums = {"loss/policy": total}
     if "ref_logp" in mb:
       kl_BL = policy_losses.kl_penalty(logp, mb["ref_logp"], rl.kl_estimator)
+      if rl.off_policy.correction == "remix":  # ReMix's KL-convex constraint
+        kl_BL = off_policy.kl_convex(logp, mb["ref_logp"], old, kind=rl.kl_estimator,
+                                     base_weight=rl.off_policy.remix_base_weight)
       kl_total, _ = agg(kl_BL)
       sums["loss/kl"] = kl_total
       if not rl.kl_in_reward:
@@ -267,21 +301,27 @@ class RLStep:
     sums["rl/clip_frac_high"] = jnp.sum(pm.get("clip_high_BT", jnp.zeros_like(mask)) * mask)
     sums["rl/entropy"] = jnp.sum(ent * mask)
     sums["rl/kl_old"] = jnp.sum(policy_losses.kl_penalty(logp, old, "k3") * mask)
+    sums.update(off_sums)
     sums["tokens"] = tokens
     return total, (denom, sums)
 
   def _minibatch_update(self, state: TrainState, mb):
-    grads, denom, sums = accumulate_gradients(self.loss, state.params, mb,
-                                              self.rl.microbatches)
+    loss = length_buckets.bucketed(self.loss, self.length_widths, self.rl.max_new_tokens)
+    grads, denom, sums = accumulate_gradients(loss, state.params, mb, self.rl.microbatches)
     state, metrics = apply_update(state, self.tx, grads, skip_nonfinite=self.skip_nonfinite)
     tokens = jnp.maximum(sums.pop("tokens"), 1.0)
     for k, v in sums.items():
       metrics[k] = v / (tokens if k.startswith("rl/") else jnp.maximum(denom, 1e-8))
     return state, metrics
 
-  def learn(self, state: TrainState, ro, rewards_B, comps, rng, ref_params,
-            baseline_B=None):
-    """Everything after REWARD: selection, REF/OLD, ADVANTAGE, UPDATE, metrics."""
+  def prepare(self, state: TrainState, ro, rewards_B, comps, ref_params, baseline_B=None):
+    """SHAPING, rollout metrics, DYNAMIC SAMPLING, the loss mask and REF / OLD.
+
+    Returns (rows, metrics, extra, valid_B, kl_BL): the rows every estimator
+    trains on (rewards, correct, loss_mask, ref_logp / old_logp when needed),
+    the new `TrainState.extra`, the kept-row flags and the per-token KL of the
+    behaviour policy to the reference when rl.kl_in_reward (else None).
+    """
     rl = self.rl
     G = rl.group_size
     rewards_B, correct_B, extra = self.shape_rewards(state, ro, rewards_B, comps)
@@ -326,12 +366,49 @@ class RLStep:
     # REF / OLD
     kl_BL = None
     if rl.needs_reference:
-      rows["ref_logp"] = self._batched_logprobs(ref_params, rows)
-    if rl.updates_per_step > 1:
+      # Under LoRA with no ref_params: the adapters' starting model, sharing the frozen base.
+      ref = lora.reference_or(ref_params, state.params)
+      rows["ref_logp"] = self._batched_logprobs(ref, rows)
+    if rl.updates_per_step > 1 or rl.off_policy.needs_learner_logprobs:
       rows["old_logp"] = self._batched_logprobs(state.params, rows)
+    if anchor.ANCHOR_KEY in rows:  # the injected rows' own importance weight (rl.anchor)
+      rows = anchor.old_logprobs(self, state, rows)
     if rl.kl_in_reward:
       behaviour = rows.get("old_logp", rows["sampler_logp"])
       kl_BL = policy_losses.kl_penalty(behaviour, rows["ref_logp"], rl.kl_estimator)
+    return rows, metrics, extra, valid_B, kl_BL
+
+  def minibatch_indices(self, rng, B: int) -> jax.Array:
+    """Row indices [epochs × minibatches, B / minibatches] of the optimizer steps."""
+    rl = self.rl
+    perms = [jax.random.permutation(jax.random.fold_in(rng, e), B) if rl.updates_per_step > 1
+             else jnp.arange(B) for e in range(rl.epochs)]
+    return jnp.stack(perms).reshape(rl.epochs * rl.minibatches, B // rl.minibatches)
+
+  def finish_metrics(self, metrics, ro, rows) -> dict:
+    """Step-level metrics after the update: completion tokens, approximate KL."""
+    metrics["rl/completion_tokens"] = jnp.sum(ro["completion_mask"])
+    if "ref_logp" in rows:
+      metrics["rl/approx_kl"] = _masked_mean(
+          policy_losses.kl_penalty(rows.get("old_logp", rows["sampler_logp"]),
+                                   rows["ref_logp"], "k3"), rows["loss_mask"])
+    return metrics
+
+  def token_advantages(self, rows, adv_BL) -> tuple[jax.Array, dict]:
+    """Stage after ADVANTAGE: per-token terms a subclass adds (on-policy distillation,
+    `jaxrl_llm.distill.OnPolicyDistillStep`); returns (adv_BL, metrics). Here: unchanged."""
+    del rows
+    return adv_BL, {}
+
+  def learn(self, state: TrainState, ro, rewards_B, comps, rng, ref_params,
+            baseline_B=None):
+    """Everything after REWARD: selection, REF/OLD, ADVANTAGE, UPDATE, metrics."""
+    rl = self.rl
+    G = rl.group_size
+    rows, metrics, extra, valid_B, kl_BL = self.prepare(state, ro, rewards_B, comps,
+                                                        ref_params, baseline_B)
+    B = rows["rewards"].shape[0]
+    loss_mask = rows["loss_mask"]
 
     # ADVANTAGE
     adv_BL = advantages.compute_advantages(
@@ -342,27 +419,27 @@ class RLStep:
     if rl.lambda_pos != 1.0 or rl.lambda_neg != 1.0:
       scale_B = jnp.where(rows["correct"] > 0, rl.lambda_pos, rl.lambda_neg)
       adv_BL = adv_BL * scale_B[:, None]
-    rows["adv"] = adv_BL
+    if rl.off_policy.vtrace:  # V-trace: advantages corrected for the actor's lag
+      adv_BL, vtrace_sums = off_policy.vtrace_advantages(
+          adv_BL, rows["old_logp"], rows["sampler_logp"], loss_mask, rl.off_policy)
+      tokens = jnp.maximum(jnp.sum(loss_mask), 1.0)
+      metrics.update({k: v / tokens for k, v in vtrace_sums.items()})
+    rows["adv"], stage_metrics = self.token_advantages(rows, adv_BL)
+    metrics.update(stage_metrics)
 
     # UPDATE: epochs × minibatches optimizer steps over shuffled rows.
-    train_keys = ("prompt_tokens", "prompt_mask", "completion", "completion_mask",
-                  "sampler_logp", "loss_mask", "adv", "ref_logp", "old_logp")
-    train_rows = {k: rows[k] for k in train_keys if k in rows}
-    M = rl.minibatches
-    perms = [jax.random.permutation(jax.random.fold_in(rng, e), B) if rl.updates_per_step > 1
-             else jnp.arange(B) for e in range(rl.epochs)]
-    idx_UK = jnp.stack(perms).reshape(rl.epochs * M, B // M)
+    train_rows = {k: rows[k] for k in TRAIN_KEYS if k in rows}
+    idx_UK = self.minibatch_indices(rng, B)
+    if len(self.length_widths) > 1 and rl.microbatches > 1:  # similar lengths per micro-batch
+      idx_UK = length_buckets.sort_by_length(
+          idx_UK, length_buckets.completion_lengths(rows["completion_mask"]))
 
     def update(st, idx):
       return self._minibatch_update(st, jax.tree.map(lambda x: x[idx], train_rows))
 
     inner, upd_metrics = jax.lax.scan(update, state, idx_UK)
     metrics.update(jax.tree.map(jnp.mean, upd_metrics))
-    metrics["rl/completion_tokens"] = jnp.sum(ro["completion_mask"])
-    if "ref_logp" in rows:
-      metrics["rl/approx_kl"] = _masked_mean(
-          policy_losses.kl_penalty(rows.get("old_logp", rows["sampler_logp"]),
-                                   rows["ref_logp"], "k3"), loss_mask)
+    metrics = self.finish_metrics(metrics, ro, rows)
     new_state = inner.replace(step=state.step + 1, extra=extra)
     return new_state, metrics
 
@@ -377,6 +454,9 @@ class RLStep:
       rollout_rng, update_rng = jax.random.split(rng)
       ro = self.rollout(state.params, batch, rollout_rng, state.step)
       rewards_B, comps, baseline_B = self.score(ro, reward_params)
+      if self.rl.anchor.enabled:  # ACNCHOR: y* into all-fail groups (jaxrl_llm.rl.anchor)
+        ro, rewards_B, comps, baseline_B = anchor.inject_and_score(
+            self, ro, rewards_B, comps, baseline_B, reward_params)
       return self.learn(state, ro, rewards_B, comps, update_rng, ref_params, baseline_B)
 
 
@@ -416,6 +496,9 @@ def make_split_step(step: RLStep, state_shardings=None, host_reward: Optional[Ca
     with sharding.activation_rules(step.mesh, step.rules):
       return step.learn(state, ro, rewards_B, comps, rng, ref_params, baseline_B)
 
+  if step.rl.anchor.enabled:
+    raise ValueError("rl.anchor (ground-truth injection) runs in the one-jit step; set "
+                     "trainer.split_mode=False or disable rl.anchor")
   rollout_jit = jax.jit(rollout)
   learn_jit = jax.jit(learn, donate_argnums=(0,))
   score_jit = jax.jit(step.score)  # built once: no retrace per step
