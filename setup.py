@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "sympy>=1.12",  # host-side math answer equivalence
     "pyarrow>=14",  # Parquet prompt datasets
+    "qwix>=0.1.8",  # quantized frozen base under LoRA (jaxrl_llm.quantize)
 ]
 
 # gs:// workdirs: etils.epath (checkpoint metadata, metrics, data files) goes

@@ -9,10 +9,25 @@
            reference = the frozen base with adapters off: no second copy) of
            the Qwen2.5-7B shape with LoRA r = 64 on q, k, v, o, gate, up,
            down; W1's batch shape unless --prompts / --new_tokens say less
-           (the record states the shape used).
+           (the record states the shape used). At 7B the default
+           remat="dots_no_batch" fits neither an H100 nor an H200 even at 8 rows per
+           micro-batch (XLA asked for 135-146 GiB): run it with
+           --remat full --microbatches 64 (BENCHMARKS.md, 2026-12-05).
   w1       W1 (0.5B, the same step and shape as benchmarks/w1_grpo_step.py)
            with LoRA (variant "lora", r = --rank) next to full-parameter
            training (variant "full", with its reference copy).
+
+--quantize_base int8 | int4 | nf4 stores the frozen projection weights of
+the LoRA variants quantized (model.lora.quantize_base, jaxrl_llm.quantize:
+the decoder dequantizes them inside each matmul; blocks of
+--quantize_block_size for the 4-bit kinds); the record's name ends in the
+kind (lora_w6_lora_nf4.json). Compare with the same command without it
+(the float base in --param_dtype).
+
+Besides the process-wide peak (which also holds model initialisation: a
+quantized base is made from a float one), each step's compiled footprint is
+recorded (XLA's memory analysis of the one executable: arguments + outputs
+− donated aliases + temporaries), the figure to compare between bases.
 
 Rules as every workload here (benchmarks/common.py): compile + warm-up
 untimed, block_until_ready per call, median of --repeats. Peak device memory
@@ -22,6 +37,7 @@ workload at tiny shapes on CPU (tests/lora_bench_test.py).
 
   python -m benchmarks.lora_bench                      # all, one process each
   python -m benchmarks.lora_bench --workload w6        # one workload
+  python -m benchmarks.lora_bench --workload w6 --quantize_base nf4
   python -m benchmarks.lora_bench --smoke              # CPU, tiny shapes
 """
 
@@ -49,7 +65,10 @@ WORKLOADS = {"rollout": ("unmerged", "merged"), "w6": ("lora",), "w1": ("lora", 
 
 
 def model_config(size: str, args, rank: int, merged: bool = False) -> ModelConfig:
-  lcfg = (lora.LoraConfig(rank=rank, alpha=2.0 * rank, merged_rollout=merged) if rank
+  q = getattr(args, "quantize_base", "none")
+  lcfg = (lora.LoraConfig(rank=rank, alpha=2.0 * rank, merged_rollout=merged,
+                          quantize_base=q, quantize_block_size=args.quantize_block_size,
+                          adapter_only_checkpoints=q != "none") if rank
           else None)
   if size == "7b":
     return ModelConfig(family="qwen2", qkv_bias=True, tie_embeddings=False, rope_theta=1e6,
@@ -97,34 +116,79 @@ def build(args, workload: str, variant: str):
             "lora_targets": list(lora.TARGETS) if rank else [], "remat": args.remat,
             "param_dtype": args.param_dtype, "dtype": "bfloat16",
             "merged_rollout": variant == "merged", "logprob_chunk": args.logprob_chunk,
-            "num_params": cfg.num_params()}
+            "quantize_base": cfg.lora.quantize_base if cfg.lora is not None else "none",
+            "quantize_block_size": args.quantize_block_size, "num_params": cfg.num_params()}
   return cfg, rl, step, state, sh, batch, config
+
+
+def aot(jitted, *example):
+  """`jitted` compiled once ahead of time for arguments like `example`, as a function
+  with `.footprint` (`compiled_footprint`). Calls go to the compiled executable; if it
+  refuses the arguments' layouts (4-bit arrays of a quantized base, which a backend
+  may hold unpacked), before running anything, they go to `jitted` (one more
+  compilation)."""
+  compiled = jitted.lower(*example).compile()
+  target = {"fn": compiled}
+
+  def run(*args):
+    try:
+      return target["fn"](*args)
+    except ValueError as e:
+      if target["fn"] is jitted or "layout" not in str(e):
+        raise
+      print(f"compiled executable refused the argument layouts; calling jit: {str(e)[:200]}")
+      target["fn"] = jitted
+      return jitted(*args)
+  run.footprint = compiled_footprint(compiled)
+  print(f"compiled footprint GiB: {run.footprint}", flush=True)  # logged even if the run fails
+  return run
+
+
+def compiled_footprint(compiled) -> dict | None:
+  """GiB of one compiled executable by XLA's memory analysis: arguments, outputs,
+  donated aliases, temporaries, and total = arguments + outputs − aliases +
+  temporaries (None where the backend gives no analysis)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  if m is None:
+    return None
+  gib = {k: getattr(m, f"{k}_size_in_bytes") / 2**30
+         for k in ("argument", "output", "alias", "temp")}
+  gib["total"] = gib["argument"] + gib["output"] - gib["alias"] + gib["temp"]
+  return gib
 
 
 def run_one(args, workload: str, variant: str) -> dict:
   cfg, rl, step, state, sh, batch, config = build(args, workload, variant)
   R, G, L = config["prompts"], config["group_size"], config["new_tokens"]
   if workload == "rollout":
-    fn = jax.jit(lambda p, b, r: step.rollout(p, b, r, jnp.zeros((), jnp.int32)))
+    jitted = jax.jit(lambda p, b, r: step.rollout(p, b, r, jnp.zeros((), jnp.int32)))
     params = state.params
+    run = aot(jitted, params, batch, jax.random.key(0))
     holder = {"i": 0}
 
     def call():
       holder["i"] += 1
-      return fn(params, batch, jax.random.key(holder["i"]))["completion"]
+      return run(params, batch, jax.random.key(holder["i"]))["completion"]
   else:
     ref_params = None
     if cfg.lora is None:  # full-parameter W1: the reference is a copy
       ref_params = jax.tree.map(jnp.copy, state.params)
     fn = rls.jit_rl_step(step, sh, None, sh.params if ref_params is not None else None)
+    run = aot(fn.jitted, state, batch, jax.random.key(0), ref_params, None)
     holder = {"state": state, "i": 0}
 
     def call():
       holder["i"] += 1
-      holder["state"], m = fn(holder["state"], batch, jax.random.key(holder["i"]), ref_params)
+      holder["state"], m = run(holder["state"], batch, jax.random.key(holder["i"]), ref_params,
+                               None)
       return m
 
-  out = jax.device_get(common.block(call()))  # compiles; also the warm-up
+  del state  # the step donates it: holder keeps the live one
+  out = jax.device_get(common.block(call()))  # the warm-up
+  footprint = run.footprint
   if workload != "rollout":
     assert np.isfinite(float(out["loss/policy"])), out
   times = common.time_calls(call, warmup=max(args.warmup - 1, 0), repeats=args.repeats)
@@ -132,13 +196,18 @@ def run_one(args, workload: str, variant: str) -> dict:
   B = R * G
   res = {"workload": workload, "variant": variant, "step": s,
          "sequences_per_s": B / s["median_s"], "completion_tokens_per_s": B * L / s["median_s"],
-         "peak_gib": common.peak_gib()}
-  common.write_record(args, f"lora_{workload}_{variant}", config, res)
+         "peak_gib": common.peak_gib(), "compiled_gib": footprint}
+  name = f"lora_{workload}_{variant}"
+  if config["quantize_base"] != "none":
+    name += f"_{config['quantize_base']}"
+  common.write_record(args, name, config, res)
   common.print_table(f"LoRA {workload} ({config['size']}, {R}x{G} seqs, prompt "
                      f"{config['prompt_len']}, {L} new, r={config['lora_rank']})",
-                     ["variant", "step s", "seq/s", "tok/s", "peak GiB"],
-                     [[variant, s["median_s"], res["sequences_per_s"],
-                       res["completion_tokens_per_s"], res["peak_gib"]]])
+                     ["variant", "base", "step s", "seq/s", "tok/s", "peak GiB",
+                      "step GiB"],
+                     [[variant, config["quantize_base"], s["median_s"], res["sequences_per_s"],
+                       res["completion_tokens_per_s"], res["peak_gib"],
+                       (footprint or {}).get("total")]])
   return res
 
 
@@ -153,6 +222,9 @@ def main(argv=None):
   p.add_argument("--remat", default="dots_no_batch")
   p.add_argument("--logprob_chunk", type=int, default=128)
   p.add_argument("--param_dtype", default="float32")
+  p.add_argument("--quantize_base", default="none", choices=lora.QUANTIZE_BASE,
+                 help="LoRA variants: the frozen base stored quantized (model.lora.quantize_base)")
+  p.add_argument("--quantize_block_size", type=int, default=64)
   args = p.parse_args(argv)
   workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
   jobs = [(w, v) for w in workloads for v in WORKLOADS[w] if not args.variant or v == args.variant]
@@ -160,8 +232,14 @@ def main(argv=None):
     raise SystemExit(f"--variant={args.variant!r} is not one of {WORKLOADS[args.workload]}")
   if len(jobs) == 1 or args.smoke:  # smoke: in-process (CPU has no peak-memory statistic)
     return [run_one(args, w, v) for w, v in jobs]
-  passthrough = [a for a in (argv if argv is not None else sys.argv[1:])
-                 if not a.startswith(("--workload", "--variant"))]
+  passthrough, skip = [], False  # every argument but --workload / --variant (and their values)
+  for a in argv if argv is not None else sys.argv[1:]:
+    if skip:
+      skip = False
+    elif a in ("--workload", "--variant"):
+      skip = True
+    elif not a.startswith(("--workload=", "--variant=")):
+      passthrough.append(a)
   for w, v in jobs:  # one process per (workload, variant): peak memory is per process
     subprocess.run([sys.executable, "-m", "benchmarks.lora_bench", f"--workload={w}",
                     f"--variant={v}", *passthrough], check=True)

@@ -41,6 +41,13 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
 }
 
 {
+  # The library imports qwix (jaxrl_llm.quantize, jaxrl_llm.lora); a GPU image without it
+  # gets it from the wheel in WHEELS (runs/bench_wheels, benchmarks/peers/wheels.txt).
+  if ! "$PY" -c "import qwix" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/our_site "${WHEELS:-runs/bench_wheels}"/qwix-*.whl \
+      && export PYTHONPATH=/tmp/our_site:${PYTHONPATH:-}
+  fi
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
   "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
   run 60 benchmarks.floors

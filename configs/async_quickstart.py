@@ -21,31 +21,18 @@ the same cores, so the split shows correctness and reward curves
 (docs/async.md), not speed.
 """
 
-from jaxrl_llm.config import default_configdict, parse_arg, use_builtin_task
+from jaxrl_llm.config import arithmetic_rl_recipe, parse_arg
 
 
 def get_config(arg=None):
   args = parse_arg(arg, sft_steps=150, rl_steps=150, lag=1, actor=4, correction="tis")
-  c = default_configdict(kind="rl", rl_preset="grpo")
-  use_builtin_task(c, "arithmetic", max_digits=2, batch_size=16, num_train=50000,
-                   num_test=1000)
+  c = arithmetic_rl_recipe(rl_preset="grpo", sft_steps=args["sft_steps"],
+                           rl_steps=args["rl_steps"], batch_size=16)
   c.eval.num_examples = 256
-  c.eval.batch_size = 256
-  c.eval.every_steps = 50
-  c.rl.group_size = 8
-  c.rl.max_new_tokens = 6
-  c.rl.kl_coef = 0.0                # no reference forward: faster on CPU
   c.rl.async_lag = args["lag"]
   c.rl.off_policy.correction = args["correction"]
-  c.reward.components = (("correct", 1.0),)
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 5
-  c.optim.grad_clip_norm = 1.0
-  c.checkpoint.save_interval_steps = 50
   c.trainer.actor_devices = args["actor"]
-  c.trainer.num_steps = args["rl_steps"]
   c.trainer.log_every = 1
-  c.trainer.sft_warmstart.num_steps = args["sft_steps"]
-  c.trainer.sft_warmstart.learning_rate = 3e-3
-  c.trainer.sft_warmstart.batch_size = 64
   return c

@@ -24,30 +24,12 @@ the same workdir resumes, the critic included.
   --config=configs/ppo_arithmetic.py:sft_steps=400,rl_steps=60   shorter budget
 """
 
-from jaxrl_llm.config import default_configdict, parse_arg, use_builtin_task
+from jaxrl_llm.config import arithmetic_rl_recipe, parse_arg
 
 
 def get_config(arg=None):
   args = parse_arg(arg, sft_steps=400, rl_steps=150)
-  c = default_configdict(kind="rl", rl_preset="ppo")
-  use_builtin_task(c, "arithmetic", max_digits=2, batch_size=32, num_train=50000,
-                   num_test=1000)
-  c.eval.num_examples = 512
-  c.rl.group_size = 8               # 256 rollouts per step, as the quickstart's GRPO
-  c.rl.max_new_tokens = 6
-  c.rl.kl_coef = 0.0                # no reference forward
+  c = arithmetic_rl_recipe(rl_preset="ppo", **args)  # 32 prompts x 8, as the quickstart
   c.rl.critic.learning_rate = 1e-4  # the zero head must learn the value scale fast
   c.rl.critic.warmup_steps = 10     # critic-only steps: the first values are all 0
-  c.reward.components = (("correct", 1.0),)
-  c.optim.learning_rate = 3e-5      # RL moves a converged SFT model gently
-  c.optim.warmup_steps = 10
-  c.optim.grad_clip_norm = 1.0
-  c.eval.batch_size = 256
-  c.eval.every_steps = 50
-  c.checkpoint.save_interval_steps = 50
-  c.trainer.num_steps = args["rl_steps"]
-  c.trainer.log_every = 5
-  c.trainer.sft_warmstart.num_steps = args["sft_steps"]
-  c.trainer.sft_warmstart.learning_rate = 3e-3
-  c.trainer.sft_warmstart.batch_size = 64
   return c

@@ -64,6 +64,7 @@ flag that all processes agree on. At a safe point of the loop (between steps):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -576,6 +577,31 @@ class Checkpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+@contextlib.contextmanager
+def finished_run(workdir: str, *, where: str, hint: str):
+  """Opens another run's workdir read-only at its latest finished checkpoint.
+
+  Yields ``(checkpointer, step, config_snapshot)`` and closes the
+  checkpointer afterwards. A missing workdir, a workdir with no finished
+  checkpoint, or one whose checkpoint has no config snapshot raise
+  FileNotFoundError / ValueError naming `where` and ending with `hint` (the fix).
+  """
+  try:
+    ckpt = Checkpointer(workdir, create=False)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{where}: {e} To fix: {hint}") from e
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{where} has no finished checkpoint; {hint}")
+    snapshot = ckpt.restore_extra(step).get("config")
+    if not isinstance(snapshot, dict):
+      raise ValueError(f"{where}: checkpoint {step} stores no config snapshot; {hint}")
+    yield ckpt, step, snapshot
+  finally:
+    ckpt.close()
 
 
 def _reached_preemption_sync_point(step: int) -> bool:

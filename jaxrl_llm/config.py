@@ -26,6 +26,7 @@ from jaxrl_llm.preference.online import IterativeDPOConfig, OnlineDPOConfig
 from jaxrl_llm.preference.sea import SEAConfig
 from jaxrl_llm.preference.step import PreferenceConfig
 from jaxrl_llm.rl.config import PRESETS, RLConfig
+from jaxrl_llm.rl.cooper import CooperConfig
 from jaxrl_llm.sharding import MeshConfig
 
 KINDS = ("sft", "rl", "dpo", "reward_model", "online_dpo", "iterative_dpo", "distill")
@@ -200,12 +201,17 @@ class ExperimentConfig:
   iterative: IterativeDPOConfig = IterativeDPOConfig()   # kind "iterative_dpo"
   distill: DistillConfig = DistillConfig()   # kind "distill" (jaxrl_llm.distill)
   sea: SEAConfig = SEAConfig()   # kind "online_dpo": SEA's online ensemble (preference.sea)
+  cooper: CooperConfig = CooperConfig()   # kind "rl": co-trained reward model (rl.cooper)
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"kind={self.kind!r}; choose one of {KINDS}")
     from jaxrl_llm.preference import sea as sea_lib
     sea_lib.validate_experiment(self)
+    from jaxrl_llm.rl import cooper as cooper_lib
+    cooper_lib.validate_experiment(self)
+    from jaxrl_llm.rl import depo as depo_lib
+    depo_lib.validate_experiment(self)
     uses_rm = any(name == "reward_model" for name, _ in self.reward.components)
     if self.kind == "online_dpo" and self.online.selection == "sea" and not uses_rm:
       raise ValueError("online.selection='sea' draws its pair from a reward-model ensemble: set "
@@ -460,6 +466,37 @@ def use_builtin_task(c, source: str = "arithmetic", *, max_digits: int = 2,
   c.data.seq_len = 64              # SFT (warm-start) packed rows
   c.eval.num_examples = 256
   c.eval.max_new_tokens = 6
+  return c
+
+
+def arithmetic_rl_recipe(*, kind: str = "rl", rl_preset: str = "grpo", sft_steps: int = 400,
+                         rl_steps: int = 150, batch_size: int = 32):
+  """The quickstart's recipe (configs/quickstart.py) as a ConfigDict to start from.
+
+  Stage 1: `sft_steps` SFT warm-start steps of the built-in tiny model on 1-2
+  digit addition/subtraction; stage 2: `rl_steps` steps of `batch_size`
+  prompts x 8 completions with the 0/1 `correct` reward. The PPO, LoRA,
+  async and distillation recipes start here and override what they vary.
+  """
+  c = default_configdict(kind=kind, rl_preset=rl_preset)
+  use_builtin_task(c, "arithmetic", max_digits=2, batch_size=batch_size, num_train=50000,
+                   num_test=1000)
+  c.eval.num_examples = 512
+  c.eval.batch_size = 256
+  c.eval.every_steps = 50
+  c.rl.group_size = 8
+  c.rl.max_new_tokens = 6
+  c.rl.kl_coef = 0.0                # no reference forward: faster on CPU
+  c.reward.components = (("correct", 1.0),)
+  c.optim.learning_rate = 3e-5      # RL moves a converged SFT model gently
+  c.optim.warmup_steps = 10         # Adam's first steps are sign-like: ramp up
+  c.optim.grad_clip_norm = 1.0
+  c.checkpoint.save_interval_steps = 50
+  c.trainer.num_steps = rl_steps
+  c.trainer.log_every = 5
+  c.trainer.sft_warmstart.num_steps = sft_steps
+  c.trainer.sft_warmstart.learning_rate = 3e-3
+  c.trainer.sft_warmstart.batch_size = 64
   return c
 
 

@@ -661,7 +661,7 @@ def load_teacher(d: DistillConfig, *, mesh, rules, tokenizer, tokenizer_name: st
   Raises ValueError when the teacher does not share the student's tokenizer.
   """
   from jaxrl_llm import config as config_lib
-  from jaxrl_llm.checkpoint import Checkpointer
+  from jaxrl_llm.checkpoint import finished_run
   from jaxrl_llm.train_state import param_shardings
 
   source = "workdir" if path else d.teacher_source
@@ -669,17 +669,7 @@ def load_teacher(d: DistillConfig, *, mesh, rules, tokenizer, tokenizer_name: st
   if source == "workdir":
     where = f"teacher workdir {path!r}"
     hint = "set distill.teacher_path to the workdir of a finished run (e.g. kind='sft')"
-    try:
-      ckpt = Checkpointer(path, create=False)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"{where}: {e} To fix: {hint}") from e
-    try:
-      step = ckpt.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"{where} has no finished checkpoint; {hint}")
-      snapshot = ckpt.restore_extra(step).get("config")
-      if not isinstance(snapshot, dict):
-        raise ValueError(f"{where}: checkpoint {step} stores no config snapshot; {hint}")
+    with finished_run(path, where=where, hint=hint) as (ckpt, step, snapshot):
       if snapshot.get("kind") == "reward_model":
         raise ValueError(f"{where} is a reward model (a scalar head, no next-token "
                          f"distribution); {hint}")
@@ -695,8 +685,6 @@ def load_teacher(d: DistillConfig, *, mesh, rules, tokenizer, tokenizer_name: st
       abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               decoder.param_shapes(model), shardings)
       params = ckpt.restore_params(abstract, step)
-    finally:
-      ckpt.close()
     desc = f"step {step} of {path} ({spec.builtin if spec.source == 'builtin' else spec.path})"
     return Teacher(model, params, shardings, desc)
 

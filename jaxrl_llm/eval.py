@@ -283,7 +283,8 @@ class Evaluator:
     if not self.examples:
       return {}
     if self.cfg.float32:
-      params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+      from jaxrl_llm.quantize import is_quantized  # a quantized base: its scales only
+      params = jax.tree.map(lambda x: x.astype(jnp.float32), params, is_leaf=is_quantized)
     num = len(self.examples)
     records = [{"index": i, "prompt": str(ex["prompt"]),
                 "reference": str(ex.get("answer", ex.get("chosen", "")))}

@@ -32,7 +32,8 @@ Dropout (SFT only): the adapter input is x·m/(1 − p), m ~ Bernoulli(1 − p),
 one mask per projection (`dropout_fn`); the base path sees x unchanged.
 Checkpoints: `AdapterOnlyCheckpointer` (adapter_only_checkpoints) saves the
 trainable leaves only. Hugging Face PEFT adapters in and out:
-`jaxrl_llm.models.peft`. User guide: docs/lora.md.
+`jaxrl_llm.models.peft`. A quantized frozen base (QLoRA-style,
+lora.quantize_base): `jaxrl_llm.quantize`. User guide: docs/lora.md.
 
 Shape letters: L layers, R rank; in... / out... the projection's own axes.
 """
@@ -45,6 +46,9 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import optax
+import qwix
+
+from jaxrl_llm import tree_paths
 
 Params = dict[str, Any]
 
@@ -53,6 +57,8 @@ TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 HF_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
             "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 INITS = ("gaussian", "pissa")
+# Storage of the frozen projection weights (`jaxrl_llm.quantize`): float, or quantized by qwix.
+QUANTIZE_BASE = ("none", "int8", "int4", "nf4")
 # Input axes of each projection after the layer axis: o is [N, H] -> D.
 IN_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
@@ -82,6 +88,11 @@ class LoraConfig:
     full_sft_warmstart: the run's trainer.sft_warmstart stage trains all weights
       (adapters then start on the warm-started base: the way to LoRA-train a
       randomly initialised built-in model); False trains adapters there too.
+    quantize_base: "none", or the frozen projection weights stored quantized
+      (QLoRA-style, `jaxrl_llm.quantize`): "int8" (per output channel), "int4"
+      or "nf4" (4-bit NormalFloat; both per block of quantize_block_size inputs).
+      Needs adapter_only_checkpoints=True (the base is re-quantized on resume).
+    quantize_block_size: elements per scale block of the 4-bit kinds (QLoRA: 64).
   """
   rank: int = 0
   alpha: float = 16.0
@@ -91,6 +102,8 @@ class LoraConfig:
   adapter_only_checkpoints: bool = False
   merged_rollout: bool = False
   full_sft_warmstart: bool = True
+  quantize_base: str = "none"
+  quantize_block_size: int = 64
 
   def __post_init__(self):
     if isinstance(self.target_modules, str):
@@ -99,6 +112,12 @@ class LoraConfig:
     object.__setattr__(self, "target_modules", names)
     if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
       raise ValueError(f"lora.rank={self.rank!r} must be an int >= 1 (0 turns LoRA off)")
+    if self.quantize_base not in QUANTIZE_BASE:
+      raise ValueError(f"lora.quantize_base={self.quantize_base!r}; choose one of {QUANTIZE_BASE}")
+    if not self.enabled and self.quantize_base != "none":
+      raise ValueError(f"lora.quantize_base={self.quantize_base!r} needs LoRA: a quantized base "
+                       "must stay frozen, and lora.rank=0 trains all weights. Set lora.rank "
+                       "(e.g. 16) to train adapters on it, or lora.quantize_base='none'")
     if not self.enabled:
       defaults = {f.name: f.default for f in dataclasses.fields(self)}
       if any(getattr(self, k) != v for k, v in defaults.items() if k != "target_modules"):
@@ -120,6 +139,15 @@ class LoraConfig:
       raise ValueError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
     if self.init not in INITS:
       raise ValueError(f"lora.init={self.init!r}; choose one of {INITS}")
+    if (not isinstance(self.quantize_block_size, int) or isinstance(self.quantize_block_size, bool)
+        or self.quantize_block_size < 1):
+      raise ValueError(f"lora.quantize_block_size={self.quantize_block_size!r} must be an int "
+                       ">= 1 (QLoRA uses 64)")
+    if self.quantize_base != "none" and not self.adapter_only_checkpoints:
+      raise ValueError(f"lora.quantize_base={self.quantize_base!r} needs "
+                       "lora.adapter_only_checkpoints=True: checkpoints do not store a quantized "
+                       "base; adapter-only checkpoints re-read the base from the model source and "
+                       "re-quantize it on resume")
 
   @property
   def enabled(self) -> bool:
@@ -137,26 +165,6 @@ class LoraConfig:
 # ---------------------------------------------------------------------------
 # Names and the parameter table.
 # ---------------------------------------------------------------------------
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, path + "/"))
-    else:
-      out[path] = value
-  return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def is_adapter(path: str) -> bool:
@@ -184,7 +192,7 @@ def has_adapters(params: Any) -> bool:
   """Whether a params pytree (nested dicts) carries LoRA adapters."""
   if not isinstance(params, Mapping):
     return False
-  return any(path.endswith((A_SUFFIX, B_SUFFIX)) for path in _flatten(params))
+  return any(path.endswith((A_SUFFIX, B_SUFFIX)) for path in tree_paths.flatten(params))
 
 
 def adapter_table(base_table: Mapping[str, tuple[tuple[int, ...], tuple]], lora: LoraConfig
@@ -278,8 +286,8 @@ def add_adapters(lora: LoraConfig, params: Params, rng: jax.Array) -> Params:
 
 def base_params(params: Params) -> Params:
   """The params without any adapter leaf (the frozen base: the model with adapters off)."""
-  flat = {k: v for k, v in _flatten(params).items() if not is_adapter(k)}
-  return _unflatten(flat)
+  flat = {k: v for k, v in tree_paths.flatten(params).items() if not is_adapter(k)}
+  return tree_paths.unflatten(flat)
 
 
 def reference_params(params: Params) -> Params:
@@ -288,7 +296,7 @@ def reference_params(params: Params) -> Params:
   "gaussian": the base alone (B₀ = 0). "pissa": the residual base with the
   frozen starting adapters A₀, B₀ in place of the trained ones.
   """
-  flat = _flatten(params)
+  flat = tree_paths.flatten(params)
   out = {}
   for path, value in flat.items():
     if path.endswith((A0_SUFFIX, B0_SUFFIX)):
@@ -297,7 +305,7 @@ def reference_params(params: Params) -> Params:
       continue
     else:
       out[path] = value
-  return _unflatten(out)
+  return tree_paths.unflatten(out)
 
 
 def reference_or(ref_params: Optional[Params], params: Params) -> Optional[Params]:
@@ -314,13 +322,16 @@ def merge(params: Params, scale: float, dtype=None) -> Params:
   """Adapters folded into the weights: W + s·A·B, adapter leaves dropped.
 
   The product is formed in float32 and stored in `dtype` (default: each
-  weight's own dtype), e.g. merged bf16 weights for rollout or export.
+  weight's own dtype), e.g. merged bf16 weights for rollout or export. A
+  quantized base weight (`jaxrl_llm.quantize`) is dequantized (float32 by default).
   """
-  flat = _flatten(params)
+  flat = tree_paths.flatten(params)
   out = {}
   for path, value in flat.items():
     if is_adapter(path):
       continue
+    if isinstance(value, qwix.QArray):
+      value = qwix.dequantize(value.astype(dtype or jnp.float32))
     a = flat.get(path + A_SUFFIX)
     if a is not None:
       name = path.split("/")[-1]
@@ -333,20 +344,39 @@ def merge(params: Params, scale: float, dtype=None) -> Params:
     elif dtype is not None and "norm" not in path:
       value = value.astype(dtype)
     out[path] = value
-  return _unflatten(out)
+  return tree_paths.unflatten(out)
+
+
+def adapter_params(params: Params) -> Params:
+  """The trainable adapters A and B alone, nested as in `params` (no PiSSA starting
+  copies, no base weight)."""
+  return tree_paths.unflatten({k: v for k, v in tree_paths.flatten(params).items()
+                               if k.endswith((A_SUFFIX, B_SUFFIX))})
+
+
+def with_adapters(params: Params, adapters: Params) -> Params:
+  """`params` with its trainable adapters A and B replaced by `adapters` (the same
+  paths, e.g. from `adapter_params`); every other leaf is shared, not copied."""
+  flat = tree_paths.flatten(params)
+  new = tree_paths.flatten(adapters)
+  unknown = sorted(k for k in new if not (k in flat and k.endswith((A_SUFFIX, B_SUFFIX))))
+  if unknown:
+    raise ValueError(f"with_adapters: {unknown} are not trainable adapter leaves of the params "
+                     "(the adapters must come from a model with the same model.lora settings)")
+  return tree_paths.unflatten({**flat, **new})
 
 
 def split_trainable(params: Params) -> tuple[Params, Params]:
   """(trainable leaves, frozen leaves) as two nested dicts (see `is_trainable`)."""
   trainable, frozen = {}, {}
-  for path, value in _flatten(params).items():
+  for path, value in tree_paths.flatten(params).items():
     (trainable if is_trainable(path) else frozen)[path] = value
-  return _unflatten(trainable), _unflatten(frozen)
+  return tree_paths.unflatten(trainable), tree_paths.unflatten(frozen)
 
 
 def combine(trainable: Params, frozen: Params) -> Params:
   """Inverse of `split_trainable`."""
-  return _unflatten({**_flatten(frozen), **_flatten(trainable)})
+  return tree_paths.unflatten({**tree_paths.flatten(frozen), **tree_paths.flatten(trainable)})
 
 
 def trainable_params(params: Params) -> Params:
@@ -402,7 +432,8 @@ def projection(eq: str, x: jax.Array, lp: Mapping[str, jax.Array], name: str, dt
   `eq` is the base projection, e.g. "BTD,DNH->BTNH": the letters of W that
   also appear in x are its inputs (contracted by A), the rest its outputs.
   """
-  y = jnp.einsum(eq, x, lp[name].astype(dtype))
+  w = lp[name].astype(dtype)  # a quantized base (qwix.QArray) is dequantized in the matmul
+  y = (qwix.einsum if isinstance(w, qwix.QArray) else jnp.einsum)(eq, x, w)
   a = lp.get(name + A_SUFFIX)
   if a is None:
     return y
@@ -499,6 +530,10 @@ def initial_params_with_adapters(cfg, workdir: str, model_cfg, param_shardings,
   from jaxrl_llm import fileio
   from jaxrl_llm.checkpoint import Checkpointer
   from jaxrl_llm.models import decoder
+  if model_cfg.lora.quantize_base != "none":  # the float base and adapters, then quantized
+    from jaxrl_llm import quantize
+    return quantize.initial_params(cfg, workdir, model_cfg, param_shardings,
+                                   base_initial_params, rng)
   lora = model_cfg.lora
   base_cfg = model_cfg.replace(lora=None)
   base_sh = base_params(param_shardings)

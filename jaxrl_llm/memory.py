@@ -37,13 +37,19 @@ Components (bytes per device):
                     the adapters; optimizer state and gradients count the
                     trainable elements (A, B) only, and there is no reference
                     copy (π_ref is the base with adapters off, `jaxrl_llm.lora`).
+                    A quantized base (lora.quantize_base, `jaxrl_llm.quantize`)
+                    counts its codes (int8: 1 byte, int4 / nf4: ½ byte per
+                    element) plus float32 scales; its sampling copy keeps the
+                    codes and casts only the scales.
   teacher params    distillation: the teacher's parameter shards (its own model
                     config, the same logical rules), never donated; its
                     forward runs without gradient and is not counted.
   critic state      PPO (rl.advantage="gae"): the value model's parameter
                     shards (its own config, the same logical rules) plus its
                     AdamW moments; a value head on the policy trunk is D + 1
-                    elements. Its gradients (2 × its elements, as above) join
+                    elements; a LoRA policy's value model holds its own
+                    adapters (as many as the policy's) plus the head, and
+                    shares the policy's frozen base. Its gradients (2 × its elements, as above) join
                     the update phase, counted on top of the policy's (an upper
                     bound: the critic's update runs before the policy's in the
                     same minibatch). Its activations reuse the policy's (same
@@ -238,6 +244,17 @@ def trainable_elems_per_device(model: ModelConfig, mesh_shape,
              if model.lora is None or lora.is_trainable(path))
 
 
+def param_bytes_per_device(model: ModelConfig, mesh_shape, rules=sharding.DEFAULT_RULES,
+                           float_bytes: Optional[int] = None) -> float:
+  """Parameter bytes on one device: each leaf's shard × its dtype's bytes. A quantized
+  frozen base (model.lora.quantize_base) counts its codes at their bits (int4 / nf4:
+  half a byte) and its float32 scales; `float_bytes` replaces the bytes of every
+  floating-point leaf (the sampling copy in the compute dtype)."""
+  from jaxrl_llm import quantize
+  return quantize.tree_bytes(decoder.param_shapes(model), decoder.param_logical_axes(model),
+                             _Sharder(mesh_shape, rules).elems, float_bytes)
+
+
 # ---------------------------------------------------------------------------
 # The plan.
 # ---------------------------------------------------------------------------
@@ -247,6 +264,7 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
                 prefill_len: Optional[int] = None, reference: bool = False,
                 teacher: Optional[ModelConfig] = None,
                 critic: Optional[ModelConfig] = None, critic_head_only: bool = False,
+                critic_adapters: bool = False,
                 optimizer: str = "adamw", moment_dtype: Optional[str] = None,
                 logprob_chunk: int = 512, rules=None, num_devices: Optional[int] = None,
                 description: str = "") -> MemoryPlan:
@@ -270,7 +288,9 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
     teacher: distillation: the teacher's model config (its params are held).
     critic: PPO: the value model's config (its params, moments and gradients
       are held); with `critic_head_only`, the config whose trunk a scalar
-      value head reads (D + 1 elements).
+      value head reads (D + 1 elements); with `critic_adapters`, a LoRA policy's
+      config whose frozen base the critic's own adapters (as many as the
+      policy's) and head read.
     optimizer: a key of OPTIMIZER_MOMENTS.
     moment_dtype: optimizer moment dtype; default the parameter dtype (optax).
     logprob_chunk: time chunk of the float32 log-prob head.
@@ -308,24 +328,28 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
   # LoRA: the frozen base and the adapters are the parameters; moments and gradients are the
   # adapters' only, and the reference is the frozen base (no copy).
   t_elems = trainable_elems_per_device(model, mesh_shape, rules)
-  out["parameters"] = p_elems * p_bytes
+  out["parameters"] = param_bytes_per_device(model, mesh_shape, rules)
   out["optimizer state"] = OPTIMIZER_MOMENTS[optimizer] * t_elems * m_bytes
   out["gradients"] = 2 * t_elems * p_bytes
   if reference and model.lora is None:
     out["reference params"] = p_elems * p_bytes
   if model.lora is not None:
     notes.append(f"LoRA: {_fmt(t_elems * p_bytes)} of adapters train on a frozen base of "
-                 f"{_fmt((p_elems - t_elems) * p_bytes)}" +
+                 f"{_fmt(out['parameters'] - t_elems * p_bytes)}" +
                  ("; the reference is the base with adapters off (no copy)" if reference else ""))
   if teacher is not None:
     out["teacher params"] = (param_elems_per_device(teacher, mesh_shape, rules)
                              * _bytes(teacher.param_dtype))
-  if critic is not None:  # the head is float32, replicated; a value model trains in full
-    c_elems, c_bytes = ((critic.hidden_size + 1, 4) if critic_head_only else
-                        (param_elems_per_device(critic, mesh_shape, rules),
-                         _bytes(critic.param_dtype)))
-    out["critic state"] = c_elems * c_bytes * (1 + OPTIMIZER_MOMENTS[optimizer])
-    out["critic gradients"] = 2 * c_elems * c_bytes
+  if critic is not None:  # a value model trains in full; a LoRA one its adapters and head
+    head_bytes = (sh.elems(("embed",), (critic.hidden_size,)) + 1) * 4  # float32 w (embed), b
+    if critic_head_only:
+      c_bytes = head_bytes
+    elif critic_adapters:
+      c_bytes = trainable_elems_per_device(critic, mesh_shape, rules) * p_bytes + head_bytes
+    else:
+      c_bytes = param_elems_per_device(critic, mesh_shape, rules) * _bytes(critic.param_dtype)
+    out["critic state"] = c_bytes * (1 + OPTIMIZER_MOMENTS[optimizer])
+    out["critic gradients"] = 2 * c_bytes
 
   # ROLLOUT: the KV cache and one prefill layer.
   roll_rows = batch_size * group_size
@@ -337,7 +361,7 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
     kv_elems = sh.elems(("layers", "act_batch", None, "kv_heads", None), (L, roll_rows, S, K, H))
     out["KV cache"] = 2 * kv_elems * kv_dt
     out["rollout working set"] = (
-        p_elems * c
+        param_bytes_per_device(model, mesh_shape, rules, float_bytes=c)
         + r * P * c * (3 * D + (N / t_heads + 2 * K / t_kv) * H + 3 * F / t_mlp)
         + r * (N / t_heads) * P * S * (4 + c) + r * (V / t_vocab) * 4)
 
@@ -373,7 +397,8 @@ def _critic_args(rl, model: ModelConfig) -> dict[str, Any]:
     return {}
   from jaxrl_llm.rl import critic as critic_lib
   return dict(critic=critic_lib.value_model_config(rl.critic, model),
-              critic_head_only=rl.critic.value_head)
+              critic_head_only=rl.critic.value_head,
+              critic_adapters=model.lora is not None and rl.critic.init == "policy")
 
 
 def plan_for_experiment(cfg, model: ModelConfig, num_devices: Optional[int] = None,

@@ -148,7 +148,9 @@ def _accumulate(loss_fn: Callable, params, batch, num_micro: int):
   init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
   (grads, denom, sums), _ = jax.lax.scan(body, init, micro)
-  grads = jax.tree.map(lambda g: g / jnp.maximum(denom, 1e-8), grads)
+  # In each param's dtype: a float32 denominator must not promote bf16 gradients (the
+  # optimizer state would change dtype across the step).
+  grads = jax.tree.map(lambda g: (g / jnp.maximum(denom, 1e-8)).astype(g.dtype), grads)
   return grads, denom, sums
 
 
@@ -157,7 +159,9 @@ def apply_update(state: TrainState, tx: optax.GradientTransformation, grads, *,
   """Optimizer update; with skip_nonfinite a NaN/Inf gradient leaves the state as is."""
   from jaxrl_llm.metrics import apply_if_finite
   new_state = state.apply_gradients(tx, grads)
-  grad_norm = optax.tree.norm(grads)
+  # Integer leaves (the codes of a quantized frozen base) never have a gradient: left out.
+  grad_norm = optax.tree.norm([g for g in jax.tree.leaves(grads)
+                               if jnp.issubdtype(g.dtype, jnp.inexact)])
   finite = jnp.isfinite(grad_norm)
   if skip_nonfinite:
     new_state, finite = apply_if_finite(new_state, state, grads)

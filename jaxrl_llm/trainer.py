@@ -113,7 +113,9 @@ def sft_warmstart_config(cfg: config_lib.ExperimentConfig) -> config_lib.Experim
   if model.lora.enabled and model.lora.full_sft_warmstart:  # all weights; adapters come after
     model = dataclasses.replace(model, lora=lora.LoraConfig())
   elif model.lora.adapter_only_checkpoints:  # the next stage starts from its full params
-    model = dataclasses.replace(model, lora=model.lora.replace(adapter_only_checkpoints=False))
+    # (on a float base: full checkpoints hold no quantized base; the next stage quantizes it)
+    model = dataclasses.replace(model, lora=model.lora.replace(adapter_only_checkpoints=False,
+                                                               quantize_base="none"))
   return dataclasses.replace(
       cfg, kind="sft", model=model,
       optim=optim.OptimConfig(learning_rate=ws.learning_rate, schedule="cosine",
@@ -381,6 +383,8 @@ def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
   if rl.length_shaping == "hapo" and rl.hapo_num_prompts < cfg.data.num_train:
     raise ValueError(f"rl.hapo_num_prompts={rl.hapo_num_prompts} must cover every training "
                      f"prompt id (data.num_train={cfg.data.num_train})")
+  if cfg.cooper.enabled:  # the reward model trained in the step (jaxrl_llm.rl.cooper)
+    return _run_cooper(cfg, workdir)
   mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(
       cfg, workdir, "rl", extra_fn=lambda: rl_lib.init_rl_extra(rl))
   names = [n for n, _ in cfg.reward.components]
@@ -403,6 +407,9 @@ def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
     step = rl_lib.RLStep(model_cfg, rl, tx, reward_fn, eos_id=tok.eos_id, pad_id=tok.pad_id,
                          mesh=mesh, rules=cfg.mesh.rules,
                          skip_nonfinite=True)
+    if rl.depo.enabled:  # DEPO: the step also scores each group (jaxrl_llm.rl.depo_run)
+      from jaxrl_llm.rl import depo_run
+      step = depo_run.depo_step(step)
   ref_params = None
   if rl.needs_reference and model_cfg.lora is None:  # LoRA: the step reads the frozen base
     # The reference is the starting policy: copy it before the state is donated.
@@ -423,6 +430,8 @@ def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
     jitted = rl_lib.jit_rl_step(step, sh, None, sh.params if ref_params is not None else None,
                                 rm_sh)
     step_fn = lambda s, b, r: jitted(s, b, r, ref_params, rm_params)
+  if rl.depo.enabled:  # DEPO: curated prompts, explorability filter with replay
+    it, step_fn = depo_run.setup(cfg, workdir, step, state.params, it, step_fn, say=_say)
   return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
                    "rl/completion_tokens", evaluate))
 
@@ -522,6 +531,26 @@ def _run_sea(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]
   step_fn = lambda s, b, r: jitted(s, b, r, ref_params, None)
   return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it, step_fn,
                    "pref/pairs", evaluate))
+
+
+def _run_cooper(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
+  """Cooper: GRPO on a reward model that is trained on verifier-labelled rollout pairs."""
+  from jaxrl_llm.rl import cooper as cooper_lib
+  mesh, tok, model_cfg, tx, state, sh, it, evaluate = _common(
+      cfg, workdir, "rl", extra_fn=lambda: rl_lib.init_rl_extra(cfg.rl))
+  rm = restore_reward_model(cfg, tok, mesh)
+  host = _uses_host_rewards(cfg) or cfg.cooper.verifier in registry.HOST_COMPONENTS
+  examples = list(load_split(cfg.data, "train", workdir=workdir)) if host else None
+  step, state, sh = cooper_lib.build_step(cfg, model_cfg, tx, tok, mesh, state, sh, rm, examples)
+  _say(f"cooper: verifier {cfg.cooper.verifier!r}, {cfg.cooper.negative} negatives, reward "
+       f"model lr {cfg.cooper.rm_learning_rate:g} x {cfg.cooper.rm_steps} step(s)")
+  ref_params = None
+  if cfg.rl.needs_reference and model_cfg.lora is None:  # LoRA: the step reads the base
+    ref_params = jax.tree.map(jnp.copy, state.params)
+  jitted = cooper_lib.jit_cooper_step(step, sh, sh.params if ref_params is not None else None)
+  return _loop(Run(cfg, workdir, mesh, model_cfg, tok, tx, state, sh, it,
+                   lambda s, b, r: jitted(s, b, r, ref_params), "rl/completion_tokens",
+                   evaluate))
 
 
 def run_reward_model(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:

@@ -390,35 +390,16 @@ preset in the `rl` section:
 * `rl.kl_coef = 0.04`: β of the k3 KL to the reference policy (the quickstart
   sets 0, which skips the reference forward pass).
 
-The function below is `configs/quickstart.py` (that file lives in the
-repository, not in the installed package); the `TINY` block shrinks it.
+`config_lib.arithmetic_rl_recipe` builds the recipe of `configs/quickstart.py`
+(that file lives in the repository, not in the installed package); the `TINY`
+block shrinks it.
 """),
     code("""
-def quickstart_config():
-  \"\"\"configs/quickstart.py: SFT warm-start + GRPO on 1-2 digit arithmetic.\"\"\"
-  c = config_lib.default_configdict(kind="rl", rl_preset="grpo")
-  config_lib.use_builtin_task(c, "arithmetic", max_digits=2, batch_size=32, num_train=50000,
-                              num_test=1000)
-  c.eval.num_examples = 512
-  c.rl.group_size = 8
-  c.rl.max_new_tokens = 6
-  c.rl.kl_coef = 0.0                # no reference forward: faster on CPU
-  c.reward.components = (("correct", 1.0),)
-  c.optim.learning_rate = 3e-5      # RL moves a converged SFT model gently
-  c.optim.warmup_steps = 10         # Adam's first steps are sign-like: ramp up
-  c.optim.grad_clip_norm = 1.0
-  c.eval.batch_size = 256
-  c.eval.every_steps = 50
-  c.checkpoint.save_interval_steps = 50
-  c.trainer.num_steps = 150
-  c.trainer.log_every = 5
-  c.trainer.sft_warmstart.num_steps = 400
-  c.trainer.sft_warmstart.learning_rate = 3e-3
-  c.trainer.sft_warmstart.batch_size = 64
-  return c
-
-
-c = quickstart_config()
+# configs/quickstart.py's recipe: 400 SFT warm-start steps, then 150 GRPO steps of
+# 32 prompts x 8 completions, lr 3e-5, kl_coef 0 (no reference forward).
+c = config_lib.arithmetic_rl_recipe(rl_preset="grpo", sft_steps=400, rl_steps=150)
+print({"rl": {k: c.rl[k] for k in ("advantage", "policy_loss", "group_size", "kl_coef")},
+       "optim.learning_rate": c.optim.learning_rate})
 if TINY:
   c.model.builtin = "nano"          # 2 layers, d=32: 0.02M parameters
   # 1-digit problems, 30% of them held out (a 10% test split would hold ~15).

@@ -101,13 +101,13 @@ def test_values_read_the_state_before_each_token():
 
 def test_critic_shardings_follow_the_logical_axes():
   mesh = sharding.make_mesh(sharding.MeshConfig((1, 8, 1)), jax.devices()[:8])
-  sh = critic.critic_shardings(CFG, mesh, value_head=False)
+  sh = critic.critic_shardings(CFG, mesh, "trunk")
   assert sh["head"]["w"].spec == sharding.logical_to_spec(("embed",), sharding.DEFAULT_RULES,
                                                           mesh, (CFG.hidden_size,))
   from jaxrl_llm.train_state import param_shardings
   assert jax.tree.map(lambda s: s.spec, sh["trunk"]) == jax.tree.map(
       lambda s: s.spec, param_shardings(CFG, mesh))
-  assert set(critic.critic_shardings(CFG, mesh, value_head=True)) == {"head"}
+  assert set(critic.critic_shardings(CFG, mesh, "head")) == {"head"}
 
 
 def test_ppo_preset_and_critic_config_checks():
@@ -154,3 +154,51 @@ def test_memory_plan_counts_the_critic():
     plan = memory.plan_for_experiment(config_lib.from_configdict(cd), CFG, 1)
     assert ("critic state" in plan.components) == has_critic
     assert ("critic state" in plan.table()) == has_critic
+
+
+def test_lora_value_model_reads_the_policy_base_with_its_own_adapters():
+  """A LoRA value model = the policy's frozen base + the critic's adapters: its values equal
+  a full value model whose trunk is that combination; no gradient reaches the policy."""
+  from jaxrl_llm import lora, tree_paths
+  cfg = CFG.replace(lora=lora.LoraConfig(rank=2, target_modules=("q", "up")))
+  policy = lora.add_adapters(cfg.lora, testing.tiny_params(CFG), jax.random.key(1))
+  adapters = jax.tree.map(lambda a: a + 0.05, lora.adapter_params(policy))  # B ≠ 0: they act
+  params = critic.init_critic_params(cfg, adapters=adapters)
+  params["head"]["w"] = jnp.ones((CFG.hidden_size,))
+  rows = dict(prompt_tokens=jnp.array([[0, 3, 4]]), prompt_mask=jnp.array([[0, 1, 1]]),
+              completion=jnp.array([[5, 6, 7, 2]]), completion_mask=jnp.ones((1, 4), jnp.int32))
+  v = critic.token_values(cfg, params, policy, rows)
+  full = dict(head=params["head"], trunk=lora.with_adapters(policy, adapters))
+  np.testing.assert_allclose(v, critic.token_values(cfg, full, None, rows), rtol=1e-6)
+  off = critic.token_values(cfg, dict(params, adapters=lora.adapter_params(policy)), policy, rows)
+  assert float(jnp.abs(v - off).max()) > 1e-4  # the critic's own adapters, not the policy's
+  g_policy = jax.grad(lambda p: jnp.sum(critic.token_values(cfg, params, p, rows)))(policy)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_policy))
+  g = jax.grad(lambda p: jnp.sum(critic.token_values(cfg, p, policy, rows)))(params)
+  assert set(tree_paths.flatten(g["adapters"])) == set(tree_paths.flatten(adapters))
+  assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g["adapters"]))
+  with pytest.raises(ValueError, match="not trainable adapter leaves"):
+    lora.with_adapters(policy, {"layers": {"k_lora_a": adapters["layers"]["q_lora_a"]}})
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (1, 8, 1)])
+def test_memory_plan_counts_a_lora_value_model_exactly(mesh_shape):
+  """The plan's critic state of a LoRA value model equals the bytes of the critic that
+  `add_critic` creates (adapters, head and their two AdamW moments, per device)."""
+  from jaxrl_llm import lora, memory, optim
+  from jaxrl_llm.train_state import create_train_state
+  cfg = CFG.replace(lora=lora.LoraConfig(rank=4))
+  n = int(np.prod(mesh_shape))
+  mesh = sharding.make_mesh(sharding.MeshConfig(mesh_shape), jax.devices()[:n])
+  tx = lora.freeze_base(optim.make_optimizer(optim.OptimConfig()))
+  params = lora.add_adapters(cfg.lora, testing.tiny_params(CFG), jax.random.key(1))
+  state, sh = create_train_state(cfg, tx, jax.random.key(0), mesh, params=params)
+  state, _ = critic.add_critic(state, sh, cfg, optim.make_optimizer(optim.OptimConfig()), mesh)
+  assert set(state.critic["params"]) == {"adapters", "head"}
+  moments = [x for x in jax.tree.leaves(state.critic["opt_state"])  # not Adam's step count
+             if jnp.issubdtype(x.dtype, jnp.floating)]
+  held = sum(x.addressable_shards[0].data.nbytes
+             for x in jax.tree.leaves(state.critic["params"]) + moments)
+  plan = memory.plan_memory(cfg, mesh_shape, batch_size=8, seq_len=32, group_size=4,
+                            kv_cache_len=32, num_devices=n, critic=cfg, critic_adapters=True)
+  assert plan.components["critic state"] == held

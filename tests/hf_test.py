@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from jaxrl_llm import testing
 from jaxrl_llm.models import ModelConfig, RopeScaling, forward
 from jaxrl_llm.models.hf import config_from_hf, config_to_hf, load_hf, save_hf
 
@@ -50,21 +51,7 @@ GENERATION_CASES = ("llama_gqa", "qwen2_bias", "qwen3_qknorm_head_dim")
 def _hf_model(case: str, seed: int = 0):
   """A random float32 `transformers` model; every weight (norms and biases too) random."""
   cls_name, kwargs = CASES[case]
-  config = getattr(transformers, cls_name)(
-      vocab_size=VOCAB, num_hidden_layers=2, rms_norm_eps=1e-6, bos_token_id=None,
-      eos_token_id=None, pad_token_id=None, **kwargs)
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(
-      config, attn_implementation="eager", dtype=torch.float32)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif name.endswith("bias"):
-        p.copy_(0.2 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.1)
-  return model.eval()
+  return testing.random_hf_model(cls_name, VOCAB, seed, **kwargs)
 
 
 @pytest.fixture(scope="module")

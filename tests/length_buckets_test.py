@@ -79,3 +79,39 @@ def test_bucketed_update_equals_the_full_width_update():
   moved = max(float(np.max(np.abs(a - b))) for a, b in
               zip(jax.tree.leaves(p1), jax.tree.leaves(_step(1)[1].params)))
   assert moved > 1e-3  # the update did change the parameters it compares
+
+
+def test_ppo_bucketed_values_and_critic_update_equal_the_full_width_ones():
+  """PPO's value pass and critic loss are bucketed too: same values, critic and policy."""
+  from jaxrl_llm.rl import critic as critic_lib
+  from jaxrl_llm.rl import ppo_step as ppo
+
+  rng = np.random.RandomState(0)
+  batch = dict(prompt_tokens=rng.randint(3, VOCAB, size=(4, 6)).astype(np.int32),
+               prompt_mask=np.ones((4, 6), np.int32), prompt_id=np.arange(4, dtype=np.int32))
+  optim_cfg = optim.OptimConfig(learning_rate=1e-2, grad_clip_norm=1.0)
+  tx = optim.make_optimizer(optim_cfg)
+  mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
+  out = {}
+  for buckets in (1, 4):
+    rl = rl_config.from_preset(
+        "ppo", group_size=4, max_new_tokens=L, microbatches=4, minibatches=2, epochs=1,
+        length_buckets=buckets, critic=rl_config.CriticConfig(learning_rate=1e-2))
+    state, sh = create_train_state(CFG, tx, jax.random.key(0), mesh)
+    critic_tx = critic_lib.critic_optimizer(optim_cfg, rl.critic)
+    state, sh = critic_lib.add_critic(state, sh, CFG, critic_tx, mesh,
+                                      value_head=rl.critic.value_head)
+    step = ppo.PPOStep(CFG, rl, tx, even_reward, eos_id=EOS, mesh=mesh, critic_tx=critic_tx,
+                       logits_processor=sampling.force_lengths(FORCED, EOS))
+    ro = jax.jit(lambda p, b: step.rollout(p, b, jax.random.key(1), 0))(state.params, batch)
+    values = jax.jit(step._batched_values)(state.critic["params"], state.params, ro)
+    new_state, metrics = jax.jit(step.learn)(state, ro, *step.score(ro)[:2],
+                                             jax.random.key(2), None)
+    out[buckets] = jax.device_get((values * ro["completion_mask"], new_state, metrics))
+  (v1, s1, m1), (v4, s4, m4) = out[1], out[4]
+  np.testing.assert_allclose(v4, v1, rtol=1e-5, atol=1e-5)
+  for k in ("critic/value_loss", "critic/explained_variance", "loss/policy"):
+    np.testing.assert_allclose(m4[k], m1[k], rtol=1e-4, atol=1e-6)
+  tol = dict(rtol=1e-3, atol=5e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), s4.critic, s1.critic)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), s4.params, s1.params)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import config as config_lib
-from jaxrl_llm import lora, sharding, trainer
+from jaxrl_llm import lora, sharding, trainer, tree_paths
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.train_state import param_shardings
 
@@ -53,8 +53,8 @@ def _lm_params(cfg, workdir, step):
 
 def _assert_base_frozen_adapters_moved(p1, p2):
   moved = 0
-  for path, a in lora._flatten(p1).items():
-    b = lora._flatten(p2)[path]
+  for path, a in tree_paths.flatten(p1).items():
+    b = tree_paths.flatten(p2)[path]
     if lora.is_trainable(path):
       moved += not np.array_equal(a, b)
     else:
@@ -97,8 +97,8 @@ def test_reward_model_with_lora_trains_adapters_and_the_head(tmp_path):
       rm_lib.reward_model_shardings(model_cfg, sharding.make_mesh(cfg.mesh), heads))
   p1, p2 = (jax.device_get(ckpt.restore_params(abstract, step=s)) for s in (1, 2))
   _assert_base_frozen_adapters_moved(p1, p2)
-  head = [k for k in lora._flatten(p1) if lora.is_trainable(k) and not lora.is_adapter(k)]
-  assert head and any(not np.array_equal(lora._flatten(p1)[k], lora._flatten(p2)[k])
+  head = [k for k in tree_paths.flatten(p1) if lora.is_trainable(k) and not lora.is_adapter(k)]
+  assert head and any(not np.array_equal(tree_paths.flatten(p1)[k], tree_paths.flatten(p2)[k])
                       for k in head)
 
 
@@ -142,7 +142,7 @@ def test_adapter_only_checkpoints_hold_adapters_and_resume_exactly(tmp_path, cap
   a, b = (jax.device_get(Checkpointer(tmp_path / d, create=False).restore_params(adapters))
           for d in ("straight", "resumed"))
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert set(lora._flatten(a)) == {f"layers/{t}{s}" for t in lora.TARGETS
+  assert set(tree_paths.flatten(a)) == {f"layers/{t}{s}" for t in lora.TARGETS
                                    for s in (lora.A_SUFFIX, lora.B_SUFFIX)}
   with pytest.raises(ValueError, match="no saved state.params"):  # no frozen base saved
     Checkpointer(tmp_path / "straight", create=False).restore_params(full)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import config as config_lib
-from jaxrl_llm import lora, optim, sharding, testing, trainer
+from jaxrl_llm import lora, optim, sharding, testing, trainer, tree_paths
 from jaxrl_llm.models import decoder
 from jaxrl_llm.rl import config as rl_config
 from jaxrl_llm.rl import rl_step as rls
@@ -165,12 +165,12 @@ def test_gradients_reach_only_adapters_and_optimizer_state_is_adapters_only():
   # only B gets a gradient; once B has moved (as after a step), A gets one too.
   grads0, _, _ = accumulate_gradients(loss, state.params, _sft_batch(), 2)
   grads1, _, _ = accumulate_gradients(loss, _trained_adapters(state.params), _sft_batch(), 2)
-  for path, g in lora._flatten(grads0).items():
+  for path, g in tree_paths.flatten(grads0).items():
     if path.endswith("_lora_b"):
       assert np.abs(np.asarray(g)).max() > 0, path
     elif path.endswith("_lora_a"):
       assert not np.asarray(g).any(), path
-  for path, g in lora._flatten(grads1).items():
+  for path, g in tree_paths.flatten(grads1).items():
     if lora.is_trainable(path):
       assert np.abs(np.asarray(g)).max() > 0, path
     else:
@@ -180,13 +180,38 @@ def test_gradients_reach_only_adapters_and_optimizer_state_is_adapters_only():
   for _ in range(2):
     state, metrics = step(state, _sft_batch(), jax.random.key(0))
   after = jax.device_get(state.params)
-  for path, value in lora._flatten(after).items():
-    old = lora._flatten(before)[path]
+  for path, value in tree_paths.flatten(after).items():
+    old = tree_paths.flatten(before)[path]
     if lora.is_trainable(path):
       assert not np.array_equal(value, old), path
     else:
       np.testing.assert_array_equal(value, old, err_msg=path)  # weight decay too: frozen
   assert metrics["grad/global_norm"] > 0
+
+
+@pytest.mark.parametrize("lora_cfg", [LORA, None])
+def test_bfloat16_params_keep_their_gradient_and_optimizer_state_dtypes(lora_cfg):
+  """param_dtype bfloat16: gradients come back in bf16 (the float32 token count must not
+  promote them), so the optimizer state keeps its dtypes across a step (apply_if_finite's
+  cond needs equal dtypes on both sides), with and without adapters."""
+  from jaxrl_llm.sft import sft_loss
+  from jaxrl_llm.train_state import apply_update
+  cfg = BASE.replace(lora=lora_cfg, param_dtype="bfloat16")
+  mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2))
+  if lora_cfg is not None:
+    tx = lora.freeze_base(tx)
+  state, _ = create_train_state(cfg, tx, jax.random.key(0), mesh)
+
+  def update(st):
+    grads, _, _ = accumulate_gradients(functools.partial(sft_loss, cfg), st.params,
+                                       _sft_batch(), 2)
+    return grads, apply_update(st, tx, grads)[0]
+  grads, new = jax.jit(update)(state)
+  dtypes = lambda tree: jax.tree.map(lambda x: x.dtype, tree)
+  assert dtypes(grads) == dtypes(state.params)
+  assert dtypes(new.opt_state) == dtypes(state.opt_state)
+  assert dtypes(new.params) == dtypes(state.params)
 
 
 # ---------------------------------------------------------------------------

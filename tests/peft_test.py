@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxrl_llm import lora
+from jaxrl_llm import lora, testing
 from jaxrl_llm.models import forward, load_hf, save_hf
 from jaxrl_llm.models import peft as peft_io
 
@@ -35,21 +35,7 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def _hf_model(case, seed=0):
   cls_name, kwargs = CASES[case]
-  config = getattr(transformers, cls_name)(
-      vocab_size=VOCAB, num_hidden_layers=2, rms_norm_eps=1e-6, bos_token_id=None,
-      eos_token_id=None, pad_token_id=None, rope_theta=10000.0, **kwargs)
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(
-      config, attn_implementation="eager", dtype=torch.float32)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif name.endswith("bias"):
-        p.copy_(0.2 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.1)
-  return model.eval()
+  return testing.random_hf_model(cls_name, VOCAB, seed, rope_theta=10000.0, **kwargs)
 
 
 def _base_dir(case, tmp_path):

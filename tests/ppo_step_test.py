@@ -1,6 +1,7 @@
 """PPO with a learned critic: 8 devices equal 1, the critic warm-up, split mode, value head,
 and a short trainer run of the 'ppo' preset."""
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -19,21 +20,11 @@ VOCAB, EOS, TARGET = 16, 2, 7
 CFG = testing.tiny_config("qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64)
 
 
-def target_reward(inputs):
-  """Fraction of completion tokens equal to TARGET; 'correct' when it is > 1/2."""
-  m = inputs.completion_mask_BL
-  frac = jnp.sum((inputs.completion_BL == TARGET) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1)
-  return frac, {"correct": (frac > 0.5).astype(jnp.float32)}
+target_reward = testing.target_token_reward(TARGET)
 
 
 def make_batch(num_prompts=4, P=5):
-  rng = np.random.RandomState(0)
-  toks = rng.randint(3, VOCAB, size=(num_prompts, P)).astype(np.int32)
-  mask = np.ones_like(toks)
-  mask[0, :2] = 0  # left padding on one prompt
-  toks[0, :2] = 0
-  return dict(prompt_tokens=toks, prompt_mask=mask,
-              prompt_id=np.arange(num_prompts, dtype=np.int32))
+  return testing.toy_prompt_batch(num_prompts, P, VOCAB)
 
 
 def build(rl, mesh_shape=(1, 1, 1), lr=1e-2, eps=1e-8, reward=target_reward):
@@ -161,8 +152,12 @@ def test_ppo_step_refuses_a_state_without_critic_and_other_estimators():
                 critic_tx=step.critic_tx)
 
 
-def test_trainer_runs_the_ppo_preset_and_resumes_with_the_critic(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_trainer_runs_the_ppo_preset_and_resumes_with_the_critic(tmp_path, lora_rank, capsys):
+  """lora_rank 4: the critic is a value model with its own adapters (rl.critic.init='policy');
+  its adapters are checkpointed with the policy's and restored on resume."""
   c = config_lib.default_configdict(kind="rl", rl_preset="ppo")
+  c.model.lora.rank = lora_rank
   config_lib.use_builtin_task(c, "arithmetic", batch_size=8, num_train=64, num_test=8)
   c.model.builtin = "nano"
   c.rl.group_size = 2
@@ -186,12 +181,12 @@ def test_trainer_runs_the_ppo_preset_and_resumes_with_the_critic(tmp_path):
               str(tmp_path))
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert any(r["step"] == 3 and "critic/value_loss" in r for r in rows)
+  if lora_rank:  # both runs built the adapter critic; the second restored it from step 2
+    assert capsys.readouterr().out.count("its own LoRA adapters on the policy's frozen base") == 2
 
 
 def test_value_model_from_an_hf_checkpoint_in_the_config(tmp_path):
   """rl.critic.init='hf': a value model of its own size, read from rl.critic.hf_path."""
-  import types
-
   from jaxrl_llm.models.hf import save_hf
   value_cfg = testing.tiny_config("qwen2", vocab_size=VOCAB, hidden_size=48, num_layers=1,
                                   intermediate_size=96, max_position_embeddings=64)
@@ -245,19 +240,32 @@ def test_tis_and_dual_clip_apply_to_the_ppo_policy_loss():
   np.testing.assert_allclose(dual, plain, rtol=1e-4)
 
 
-def test_value_head_on_a_lora_policy():
-  """model.lora + rl.critic.init='value_head': the adapters and the head train, the base
-  stays frozen; a value model under LoRA is refused by the trainer's wiring."""
-  from jaxrl_llm import lora
+@pytest.mark.parametrize("init", ["value_head", "policy"])
+def test_critic_of_a_lora_policy(init):
+  """model.lora: the policy's adapters and the critic train, the base stays frozen.
+  init='value_head': a head on the policy trunk; init='policy': a value model with its own
+  adapters (a copy of the policy's at the start) on the policy's frozen base, no base copy."""
+  from jaxrl_llm import lora, tree_paths
   cfg = CFG.replace(lora=lora.LoraConfig(rank=4, target_modules=("q", "v")))
-  rl = ppo_rl(critic=dict(init="value_head", learning_rate=1e-2))
   tx = lora.freeze_base(optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2)))
-  mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
+  mesh = sharding.make_mesh(sharding.MeshConfig((1, 2, 1)), jax.devices()[:2])
   params = lora.add_adapters(cfg.lora, testing.tiny_params(CFG), jax.random.key(1))
   state, sh = create_train_state(cfg, tx, jax.random.key(0), mesh, params=params)
-  critic_tx = critic_lib.critic_optimizer(optim.OptimConfig(), rl.critic)
-  state, sh = critic_lib.add_critic(state, sh, cfg, critic_tx, mesh, value_head=True)
-  step = ppo.PPOStep(cfg, rl, tx, target_reward, eos_id=EOS, mesh=mesh, critic_tx=critic_tx)
+  c = config_lib.default_configdict(kind="rl", rl_preset="ppo")
+  c.model.lora.rank = 4
+  c.rl.group_size, c.rl.max_new_tokens = 4, 5
+  c.rl.critic.init = init
+  c.rl.critic.learning_rate = 1e-2
+  tok = types.SimpleNamespace(vocab_size=VOCAB, eos_id=EOS, pad_id=0)
+  state, sh, step = ppo.build_ppo_step(config_lib.from_configdict(c), cfg, tx, target_reward,
+                                       tok, mesh, state, sh, say=lambda _: None)
+  critic_params = state.critic["params"]
+  if init == "policy":
+    assert set(critic_params) == {"adapters", "head"}
+    assert set(tree_paths.flatten(critic_params["adapters"])) == set(
+        tree_paths.flatten(lora.adapter_params(state.params)))
+  else:
+    assert set(critic_params) == {"head"}
   fn = rls.jit_rl_step(step, sh, None, None)
   batch = sharding.shard_batch(make_batch(), mesh)
   before = jax.device_get(state)
@@ -268,12 +276,16 @@ def test_value_head_on_a_lora_policy():
   base_same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
                            lora.base_params(before.params), lora.base_params(after.params))
   assert all(jax.tree.leaves(base_same))
-  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), lora.trainable_params(before.params),
-                       lora.trainable_params(after.params))
-  assert any(jax.tree.leaves(moved))
-  assert float(np.abs(after.critic["params"]["head"]["w"]).max()) > 0
-  c = config_lib.default_configdict(kind="rl", rl_preset="ppo")
-  c.model.lora.rank = 4
-  with pytest.raises(ValueError, match="init='value_head'"):
+  moved = lambda x, y: any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), x, y)))
+  assert moved(lora.trainable_params(before.params), lora.trainable_params(after.params))
+  assert moved(before.critic["params"], after.critic["params"])
+  if init == "policy":  # the critic's adapters train apart from the policy's
+    assert moved(before.critic["params"]["adapters"], after.critic["params"]["adapters"])
+    diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                        after.critic["params"]["adapters"],
+                        lora.adapter_params(after.params))
+    assert max(jax.tree.leaves(diff)) > 0
+  c.rl.critic.init, c.rl.critic.hf_path = "hf", "/nonexistent"
+  with pytest.raises(ValueError, match="init='policy'"):
     ppo.build_ppo_step(config_lib.from_configdict(c), cfg, tx, target_reward, None, mesh, state,
                        sh, say=lambda _: None)

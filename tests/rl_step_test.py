@@ -15,21 +15,11 @@ VOCAB, EOS, TARGET = 16, 2, 7
 CFG = testing.tiny_config("qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64)
 
 
-def target_reward(inputs):
-  """Fraction of completion tokens equal to TARGET; 'correct' when it is > 1/2."""
-  m = inputs.completion_mask_BL
-  frac = jnp.sum((inputs.completion_BL == TARGET) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1)
-  return frac, {"correct": (frac > 0.5).astype(jnp.float32), "target_frac": frac}
+target_reward = testing.target_token_reward(TARGET)
 
 
 def make_batch(num_prompts=4, P=5):
-  rng = np.random.RandomState(0)
-  toks = rng.randint(3, VOCAB, size=(num_prompts, P)).astype(np.int32)
-  mask = np.ones_like(toks)
-  mask[0, :2] = 0  # left padding on one prompt
-  toks[0, :2] = 0
-  return dict(prompt_tokens=toks, prompt_mask=mask,
-              prompt_id=np.arange(num_prompts, dtype=np.int32))
+  return testing.toy_prompt_batch(num_prompts, P, VOCAB)
 
 
 def build(rl, mesh_shape=(1, 1, 1), lr=1e-2, reward=target_reward, devices=None):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm import lora as lora_lib
+from jaxrl_llm import quantize, tree_paths
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.sharding import constrain
 
@@ -63,26 +64,21 @@ def param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str,
   return table
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def param_logical_axes(cfg: ModelConfig) -> Params:
-  """The params pytree with each leaf replaced by its logical axis names."""
-  return _unflatten({k: axes for k, (_, axes) in param_table(cfg).items()})
+  """The params pytree with each leaf replaced by its logical axis names (a quantized
+  base weight: a QArray of them, `quantize.abstract_axes`)."""
+  return tree_paths.unflatten(quantize.abstract_axes(
+      cfg.lora, {k: axes for k, (_, axes) in param_table(cfg).items()}))
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
-  """The params pytree as `jax.ShapeDtypeStruct`s (no memory)."""
+  """The params pytree as `jax.ShapeDtypeStruct`s (no memory); a quantized base
+  weight (model.lora.quantize_base) is a QArray of them."""
   dt = cfg.weights_dtype
-  return _unflatten({k: jax.ShapeDtypeStruct(s, dt) for k, (s, _) in param_table(cfg).items()})
+  return tree_paths.unflatten(quantize.abstract_shapes(
+      cfg.lora, {k: jax.ShapeDtypeStruct(s, dt) for k, (s, _) in param_table(cfg).items()}))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
@@ -90,8 +86,9 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
   LoRA adapters (when cfg.lora is set) as `lora.add_adapters` makes them."""
   if cfg.lora is not None:
     base_rng, adapter_rng = jax.random.split(rng)
-    return lora_lib.add_adapters(cfg.lora, init_params(cfg.replace(lora=None), base_rng),
-                                 adapter_rng)
+    params = lora_lib.add_adapters(cfg.lora, init_params(cfg.replace(lora=None), base_rng),
+                                   adapter_rng)
+    return quantize.quantize_params(cfg.lora, params)  # lora.quantize_base; else unchanged
   table = param_table(cfg)
   keys = jax.random.split(rng, len(table))
   flat = {}
@@ -104,7 +101,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     else:
       value = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(cfg.weights_dtype)
     flat[path] = value
-  return _unflatten(flat)
+  return tree_paths.unflatten(flat)
 
 
 # ---------------------------------------------------------------------------
@@ -378,8 +375,9 @@ def decode_params(cfg: ModelConfig, params: Params) -> Params:
   if isinstance(layers, (tuple, list)):
     return params
   dt = cfg.compute_dtype
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, p: p if "norm" in jax.tree_util.keystr(path) else p.astype(dt), params)
+  params = jax.tree_util.tree_map_with_path(  # a QArray (quantized base): its scales are cast
+      lambda path, p: p if "norm" in jax.tree_util.keystr(path) else p.astype(dt), params,
+      is_leaf=quantize.is_quantized)
   num_layers = jax.tree.leaves(layers)[0].shape[0]
   return dict(params, layers=tuple(jax.tree.map(lambda p, i=i: p[i], params["layers"])
                                    for i in range(num_layers)))

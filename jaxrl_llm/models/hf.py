@@ -47,6 +47,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxrl_llm import tree_paths
 from jaxrl_llm.models.config import ModelConfig, RopeScaling, dtype_name
 from jaxrl_llm.models.decoder import Params, param_table
 
@@ -592,18 +593,9 @@ def load_hf(path: PathLike, dtype: str = "float32", *, param_dtype: str | None =
     sharding = _placement(shardings, leaf_path)
     flat[leaf_path] = (jnp.asarray(host) if sharding is None
                        else jax.device_put(host, sharding))
-  return cfg, _unflatten(flat)
+  return cfg, tree_paths.unflatten(flat)
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for leaf_path, value in flat.items():
-    node = tree
-    *parents, leaf = leaf_path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 # ---------------------------------------------------------------------------

@@ -216,22 +216,12 @@ def restore_reward_model(workdir: str, *, mesh: Mesh, model_config_fn: Callable,
   the policy's token ids, so both must come from one tokenizer.
   """
   from jaxrl_llm import config as config_lib
-  from jaxrl_llm.checkpoint import Checkpointer
+  from jaxrl_llm.checkpoint import finished_run
 
   where = f"reward model {workdir!r}"
   hint = ("point reward.reward_model_path at the workdir of a finished kind='reward_model' run, "
           "e.g. one of configs/reward_model_arithmetic.py")
-  try:
-    ckpt = Checkpointer(workdir, create=False)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{where}: {e} To fix: {hint}") from e
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{where} has no finished checkpoint; {hint}")
-    snapshot = ckpt.restore_extra(step).get("config")
-    if not isinstance(snapshot, dict):
-      raise ValueError(f"{where}: checkpoint {step} stores no config snapshot; {hint}")
+  with finished_run(workdir, where=where, hint=hint) as (ckpt, step, snapshot):
     if snapshot.get("kind") != "reward_model":
       raise ValueError(f"{where} is a kind={snapshot.get('kind')!r} run, not a reward model; "
                        f"{hint}")
@@ -249,8 +239,6 @@ def restore_reward_model(workdir: str, *, mesh: Mesh, model_config_fn: Callable,
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             reward_model_shapes(model, rm.num_heads), shardings)
     params = ckpt.restore_params(abstract, step)
-  finally:
-    ckpt.close()
   return RestoredRewardModel(model, rm.num_heads, rm.aggregation, rm.lam, params, shardings,
                              workdir, step)
 

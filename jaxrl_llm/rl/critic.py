@@ -7,6 +7,13 @@ Two kinds of critic, chosen by `CriticConfig.init`:
                    params {"trunk": decoder params, "head": {"w": [D], "b": []}}.
                    "policy" copies the (SFT-warm-started) policy's weights,
                    "hf" loads a Hugging Face checkpoint (`CriticConfig.hf_path`).
+                   Under LoRA (model.lora), "policy" is a value model with its
+                   own adapters, params {"adapters": A/B leaves, "head": ...}:
+                   the trunk is the policy's frozen base (shared, never copied,
+                   read under stop_gradient) with the critic's adapters in place
+                   of the policy's. They start as a copy of the policy's, so the
+                   value model starts as the policy's trunk; the critic
+                   optimizer trains the adapters and the head only.
   "value_head"     a scalar head on the policy's own trunk, params {"head": ...}.
                    The head reads stop_gradient(policy hidden states): the value
                    loss trains the head only, the trunk is trained by the policy
@@ -47,7 +54,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxrl_llm import optim, sharding
+from jaxrl_llm import lora, optim, sharding, tree_paths
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 
@@ -132,41 +139,62 @@ def init_head(cfg: ModelConfig) -> dict[str, jax.Array]:
   return {"w": jnp.zeros((cfg.hidden_size,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
 
 
-def init_critic_params(cfg: ModelConfig, trunk_params=None) -> dict[str, Any]:
-  """Critic params: {"trunk", "head"} of a value model, or {"head"} with no trunk
-  (a value head on the policy trunk)."""
+def init_critic_params(cfg: ModelConfig, trunk_params=None, adapters=None) -> dict[str, Any]:
+  """Critic params: {"trunk", "head"} of a value model, {"adapters", "head"} of a value
+  model on the policy's frozen LoRA base, or {"head"} alone (a value head on the policy
+  trunk)."""
   params = {"head": init_head(cfg)}
   if trunk_params is not None:
     params["trunk"] = trunk_params
+  if adapters is not None:
+    params["adapters"] = adapters
   return params
 
 
-def critic_logical_axes(cfg: ModelConfig, value_head: bool) -> dict[str, Any]:
+def critic_kind(critic_params) -> str:
+  """"trunk" (a value model), "adapters" (LoRA value model) or "head" (value head)."""
+  return next((k for k in ("trunk", "adapters") if k in critic_params), "head")
+
+
+def _adapter_table(cfg: ModelConfig) -> dict[str, tuple]:
+  """(shape, logical axes) of the trainable adapters A and B of `cfg.lora`."""
+  if cfg.lora is None:
+    raise ValueError("a critic with LoRA adapters needs a policy config with model.lora set")
+  return {k: v for k, v in lora.adapter_table(decoder.param_table(cfg), cfg.lora).items()
+          if k.endswith((lora.A_SUFFIX, lora.B_SUFFIX))}
+
+
+def critic_logical_axes(cfg: ModelConfig, kind: str) -> dict[str, Any]:
   axes = {"head": dict(HEAD_AXES)}
-  if not value_head:
+  if kind == "trunk":
     axes["trunk"] = decoder.param_logical_axes(cfg)
+  elif kind == "adapters":
+    axes["adapters"] = tree_paths.unflatten({k: a for k, (_, a) in _adapter_table(cfg).items()})
   return axes
 
 
-def critic_shapes(cfg: ModelConfig, value_head: bool) -> dict[str, Any]:
+def critic_shapes(cfg: ModelConfig, kind: str) -> dict[str, Any]:
   shapes = {"head": jax.eval_shape(lambda: init_head(cfg))}
-  if not value_head:
+  if kind == "trunk":
     shapes["trunk"] = decoder.param_shapes(cfg)
+  elif kind == "adapters":
+    shapes["adapters"] = tree_paths.unflatten({k: jax.ShapeDtypeStruct(s, cfg.weights_dtype)
+                                               for k, (s, _) in _adapter_table(cfg).items()})
   return shapes
 
 
-def critic_shardings(cfg: ModelConfig, mesh: Mesh, value_head: bool,
+def critic_shardings(cfg: ModelConfig, mesh: Mesh, kind: str,
                      rules=sharding.DEFAULT_RULES) -> dict[str, Any]:
-  """NamedShardings of the critic params: the trunk as the policy's, the head by `embed`."""
-  return sharding.tree_shardings(mesh, rules, critic_logical_axes(cfg, value_head),
-                                 critic_shapes(cfg, value_head))
+  """NamedShardings of the critic params: the trunk and adapters as the policy's, the head
+  by `embed` (`kind`: see `critic_kind`)."""
+  return sharding.tree_shardings(mesh, rules, critic_logical_axes(cfg, kind),
+                                 critic_shapes(cfg, kind))
 
 
 def critic_state_shardings(abstract_critic, cfg: ModelConfig, mesh: Mesh,
                            rules=sharding.DEFAULT_RULES) -> dict[str, Any]:
   """Shardings of a critic state {"params", "opt_state"}: moments follow the params."""
-  value_head = "trunk" not in abstract_critic["params"]
-  p_sh = critic_shardings(cfg, mesh, value_head, rules)
+  p_sh = critic_shardings(cfg, mesh, critic_kind(abstract_critic["params"]), rules)
   rep = sharding.replicated(mesh)
   params_struct = jax.tree.structure(abstract_critic["params"])
 
@@ -190,13 +218,21 @@ def add_critic(state, shardings, critic_model: ModelConfig, tx: optax.GradientTr
   """(state, shardings) with a critic {"params", "opt_state"} in `TrainState.critic`.
 
   The value model's trunk is `trunk_params` (e.g. loaded from HF) or, when
-  None, a copy of the policy's params (`state.params`); with `value_head`
-  the critic is a head only. Created in its shards by one jit.
+  None, a copy of the policy's params (`state.params`); a LoRA policy (its
+  params carry adapters) gets a value model of its own adapters on the shared
+  frozen base instead, starting as a copy of the policy's adapters; with
+  `value_head` the critic is a head only. Created in its shards by one jit.
   """
+  own_adapters = not value_head and trunk_params is None and lora.has_adapters(state.params)
+
   def init(policy_params, trunk):
-    if not value_head:
-      trunk = jax.tree.map(jnp.copy, policy_params) if trunk is None else trunk
-    params = init_critic_params(critic_model, None if value_head else trunk)
+    if own_adapters:
+      params = init_critic_params(
+          critic_model, adapters=jax.tree.map(jnp.copy, lora.adapter_params(policy_params)))
+    else:
+      if not value_head:
+        trunk = jax.tree.map(jnp.copy, policy_params) if trunk is None else trunk
+      params = init_critic_params(critic_model, None if value_head else trunk)
     return {"params": params, "opt_state": tx.init(params)}
 
   abstract = jax.eval_shape(init, state.params, trunk_params)
@@ -212,11 +248,14 @@ def token_values(critic_model: ModelConfig, critic_params, policy_params, rows) 
   """V_t of every completion position, float32 [B, L] (module docstring).
 
   `rows` holds prompt_tokens, prompt_mask [B, P] and completion,
-  completion_mask [B, L]. A value head reads stop_gradient(policy trunk).
+  completion_mask [B, L]. A value head reads stop_gradient(policy trunk); a LoRA
+  value model reads stop_gradient(policy's frozen base) with its own adapters.
   """
   trunk = critic_params.get("trunk")
   if trunk is None:
     trunk = jax.lax.stop_gradient(policy_params)
+    if "adapters" in critic_params:
+      trunk = lora.with_adapters(trunk, critic_params["adapters"])
   P = rows["prompt_tokens"].shape[1]
   L = rows["completion"].shape[1]
   tokens = jnp.concatenate([rows["prompt_tokens"], rows["completion"]], axis=1)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.rl import advantages
+from jaxrl_llm.rl import advantages, length_buckets
 from jaxrl_llm.rl import critic as critic_lib
 from jaxrl_llm.rl.config import GAE
 from jaxrl_llm.rl.rl_step import TRAIN_KEYS, RLStep
@@ -82,13 +82,9 @@ class PPOStep(RLStep):
     return critic_lib.token_values(self.value_model, critic_params, policy_params, rows)
 
   def _batched_values(self, critic_params, policy_params, rows) -> jax.Array:
-    """Values without gradient, micro-batch by micro-batch (bounded memory)."""
-    n = self.rl.microbatches * self.rl.minibatches
-    keys = ("prompt_tokens", "prompt_mask", "completion", "completion_mask")
-    split = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]),
-                         {k: rows[k] for k in keys})
-    v = jax.lax.map(lambda r: self.values(critic_params, policy_params, r), split)
-    return jax.lax.stop_gradient(v.reshape((-1,) + v.shape[2:]))
+    """Values [B, L] without gradient, micro-batch by micro-batch, length-bucketed."""
+    return self._batched_per_token(lambda p, r: self.values(p[0], p[1], r),
+                                   (critic_params, policy_params), rows)
 
   # -------------------------------------------------------------------- GAE
   def advantages_and_returns(self, rows, values_BL, kl_BL):
@@ -135,7 +131,8 @@ class PPOStep(RLStep):
   def _critic_minibatch_update(self, state: TrainState, mb):
     """One critic optimizer step on a minibatch; returns (state, metrics)."""
     critic = state.critic
-    loss = lambda p, micro: self.critic_loss(p, micro, state.params)
+    loss = length_buckets.bucketed(lambda p, micro: self.critic_loss(p, micro, state.params),
+                                   self.length_widths, self.rl.max_new_tokens)
     grads, denom, sums = accumulate_gradients(loss, critic["params"], mb, self.rl.microbatches)
     inner = TrainState(step=state.step, params=critic["params"], opt_state=critic["opt_state"],
                        extra={})
@@ -171,7 +168,7 @@ class PPOStep(RLStep):
     # UPDATE: per minibatch a critic step, then a policy step (after the warm-up).
     train_rows = {k: rows[k] for k in TRAIN_KEYS + CRITIC_KEYS if k in rows}
     train_policy = state.step >= self.rl.critic.warmup_steps
-    idx_UK = self.minibatch_indices(rng, B)
+    idx_UK = self.minibatch_indices(rng, B, rows["completion_mask"])
 
     def update(st, idx):
       mb = jax.tree.map(lambda x: x[idx], train_rows)
@@ -195,10 +192,11 @@ def build_ppo_step(cfg, model_cfg: ModelConfig, tx: optax.GradientTransformation
   optim gives the critic's AdamW settings at rl.critic.learning_rate).
   """
   rl, cc = cfg.rl, cfg.rl.critic
-  if getattr(model_cfg, "lora", None) is not None and not cc.value_head:
-    raise ValueError(f"rl.critic.init={cc.init!r} with model.lora: a value model with its own "
-                     "LoRA adapters is not supported; use rl.critic.init='value_head' (a head on "
-                     "the LoRA policy's trunk), or full fine-tuning (model.lora.rank=0)")
+  policy_lora = getattr(model_cfg, "lora", None) is not None
+  if policy_lora and cc.init == "hf":
+    raise ValueError("rl.critic.init='hf' with model.lora: an HF value model next to a LoRA "
+                     "policy is not supported; use rl.critic.init='policy' (a value model with "
+                     "its own LoRA adapters on the policy's frozen base) or 'value_head'")
   critic_model, trunk = None, None
   if cc.init == "hf":
     spec = cfg.model
@@ -211,7 +209,9 @@ def build_ppo_step(cfg, model_cfg: ModelConfig, tx: optax.GradientTransformation
   state, shardings = critic_lib.add_critic(state, shardings, value_model, critic_tx, mesh,
                                            cfg.mesh.rules, value_head=cc.value_head,
                                            trunk_params=trunk)
-  kind = {"policy": "value model copied from the policy", "hf": f"value model from {cc.hf_path}",
+  kind = {"policy": ("value model with its own LoRA adapters on the policy's frozen base"
+                     if policy_lora else "value model copied from the policy"),
+          "hf": f"value model from {cc.hf_path}",
           "value_head": "value head on the policy trunk"}[cc.init]
   say(f"critic: {kind}, lr {cc.learning_rate:g}, {cc.warmup_steps} warm-up step(s), "
       f"gamma {cc.gamma:g}, lambda {cc.lam:g} (actor {cc.policy_lam:g}), value clip "

@@ -244,8 +244,13 @@ class RLStep:
     return length_buckets.bucket_widths(self.rl.max_new_tokens, self.rl.length_buckets)
 
   def _batched_logprobs(self, params, rows):
-    """Log-probs without gradient, micro-batch by micro-batch (bounded memory); rows
-    ordered by length and each chunk cut to its bucket width (`length_buckets`)."""
+    """Log-probs [B, L] without gradient (`_batched_per_token`)."""
+    return self._batched_per_token(lambda p, r: self.completion_logprobs(p, r)[0], params, rows)
+
+  def _batched_per_token(self, fn, params, rows):
+    """`fn(params, rows) -> [B, L]` without gradient, micro-batch by micro-batch (bounded
+    memory); rows ordered by length and each chunk cut to its bucket width
+    (`length_buckets`), the result returned in the rollout's row order."""
     n = self.rl.microbatches * self.rl.minibatches
     rows = {k: rows[k] for k in ("prompt_tokens", "prompt_mask", "completion",
                                  "completion_mask")}
@@ -255,14 +260,13 @@ class RLStep:
       order_B = jnp.argsort(length_buckets.completion_lengths(rows["completion_mask"]),
                             stable=True)
       rows = jax.tree.map(lambda x: x[order_B], rows)
-    fn = length_buckets.bucketed_per_token(self.completion_logprobs, widths,
-                                           self.rl.max_new_tokens)
+    fn = length_buckets.bucketed_per_token(fn, widths, self.rl.max_new_tokens)
     split = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), rows)
-    logp, _ = jax.lax.map(lambda r: fn(params, r), split)
-    logp = logp.reshape((-1,) + logp.shape[2:])
+    out_BL = jax.lax.map(lambda r: fn(params, r), split)
+    out_BL = out_BL.reshape((-1,) + out_BL.shape[2:])
     if order_B is not None:
-      logp = jnp.zeros_like(logp).at[order_B].set(logp)  # back to the rollout's row order
-    return jax.lax.stop_gradient(logp)
+      out_BL = jnp.zeros_like(out_BL).at[order_B].set(out_BL)  # back to the rollout's order
+    return jax.lax.stop_gradient(out_BL)
 
   # ---------------------------------------------------------------- UPDATE
   def loss(self, params, mb):
@@ -378,12 +382,22 @@ class RLStep:
       kl_BL = policy_losses.kl_penalty(behaviour, rows["ref_logp"], rl.kl_estimator)
     return rows, metrics, extra, valid_B, kl_BL
 
-  def minibatch_indices(self, rng, B: int) -> jax.Array:
-    """Row indices [epochs × minibatches, B / minibatches] of the optimizer steps."""
+  def minibatch_indices(self, rng, B: int, completion_mask_BL=None) -> jax.Array:
+    """Row indices [epochs × minibatches, B / minibatches] of the optimizer steps.
+
+    With `completion_mask_BL`, length buckets and micro-batches on, each
+    minibatch's rows are ordered by completion length, so consecutive
+    micro-batches hold similar lengths (`length_buckets.sort_by_length`).
+    """
     rl = self.rl
     perms = [jax.random.permutation(jax.random.fold_in(rng, e), B) if rl.updates_per_step > 1
              else jnp.arange(B) for e in range(rl.epochs)]
-    return jnp.stack(perms).reshape(rl.epochs * rl.minibatches, B // rl.minibatches)
+    idx_UK = jnp.stack(perms).reshape(rl.epochs * rl.minibatches, B // rl.minibatches)
+    if (completion_mask_BL is not None and len(self.length_widths) > 1
+        and rl.microbatches > 1):
+      idx_UK = length_buckets.sort_by_length(
+          idx_UK, length_buckets.completion_lengths(completion_mask_BL))
+    return idx_UK
 
   def finish_metrics(self, metrics, ro, rows) -> dict:
     """Step-level metrics after the update: completion tokens, approximate KL."""
@@ -429,10 +443,7 @@ class RLStep:
 
     # UPDATE: epochs × minibatches optimizer steps over shuffled rows.
     train_rows = {k: rows[k] for k in TRAIN_KEYS if k in rows}
-    idx_UK = self.minibatch_indices(rng, B)
-    if len(self.length_widths) > 1 and rl.microbatches > 1:  # similar lengths per micro-batch
-      idx_UK = length_buckets.sort_by_length(
-          idx_UK, length_buckets.completion_lengths(rows["completion_mask"]))
+    idx_UK = self.minibatch_indices(rng, B, rows["completion_mask"])
 
     def update(st, idx):
       return self._minibatch_update(st, jax.tree.map(lambda x: x[idx], train_rows))
