@@ -2,7 +2,7 @@
 # floors and W1-W4 of jaxrl_llm on one GPU, each workload in its own process
 # (peak memory is a per-process high-water mark), under one wall-clock deadline.
 #
-#   JAXRL_COMMIT=<sha> OUT=<dir> BUDGET_S=540 PLAN=core bash benchmarks/run_ours.sh [--smoke]
+#   JAXRL_COMMIT=<sha> RESULTS_DIR=<dir> BUDGET_S=540 PLAN=core bash benchmarks/run_ours.sh [--smoke]
 #
 # PLAN=core: floors, W1, W4, W2 (remat dots, 2 micro-batches), W3 at batch 1/64/512.
 # PLAN=variants: floors and W1 again (same machine as the variants), then the
@@ -17,12 +17,12 @@
 # Compilations share XLA's per-fusion autotuning results through a persistent
 # cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/jax_cache): the W5 step reuses
 # what its rollout compile tuned. Timed calls are unaffected.
-# Writes OUT/records_ours_$PLAN.tar.gz (the JSON records) and OUT/log_ours_$PLAN.txt.
+# Writes RESULTS_DIR/records_ours_$PLAN.tar.gz (the JSON records) and RESULTS_DIR/log_ours_$PLAN.txt.
 set -u
 SMOKE=${1:-}
 PLAN=${PLAN:-core}
-OUT=${OUT:-benchmarks/results}
-REC=$OUT/rec_ours
+RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
+REC=$RESULTS_DIR/rec_ours
 PY=${PY:-python3}
 mkdir -p "$REC"
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
@@ -81,5 +81,5 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample ;;
   esac
   "$PY" -m benchmarks.report "$REC" $SMOKE
-} 2>&1 | tee "$OUT/log_ours_$PLAN.txt"
-tar czf "$OUT/records_ours_$PLAN.tar.gz" -C "$REC" . && rm -rf "$REC"
+} 2>&1 | tee "$RESULTS_DIR/log_ours_$PLAN.txt"
+tar czf "$RESULTS_DIR/records_ours_$PLAN.tar.gz" -C "$REC" . && rm -rf "$REC"

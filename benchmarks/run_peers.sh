@@ -5,15 +5,15 @@
 # is not in the default PEERS: trl_grpo_w5 and tunix_grpo_w5 run the GRPO
 # scripts with --ragged (one per call: each takes most of a 570 s budget).
 #
-#   JAXRL_COMMIT=<sha> OUT=<dir> BUDGET_S=570 [PEERS="trl_dpo tunix_grpo"] \
+#   JAXRL_COMMIT=<sha> RESULTS_DIR=<dir> BUDGET_S=570 [PEERS="trl_dpo tunix_grpo"] \
 #     bash benchmarks/run_peers.sh [--smoke]
 #
-# Writes OUT/records_peers.tar.gz and OUT/log_peers.txt.
+# Writes RESULTS_DIR/records_peers.tar.gz and RESULTS_DIR/log_peers.txt.
 set -u
 SMOKE=${1:-}
 PEERS=${PEERS:-trl_dpo trl_grpo tunix_dpo tunix_grpo}
-OUT=${OUT:-benchmarks/results}
-REC=$OUT/rec_peers
+RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
+REC=$RESULTS_DIR/rec_peers
 PY=${PY:-python3}
 WHEELS=${WHEELS:-runs/bench_wheels}
 mkdir -p "$REC"
@@ -45,5 +45,5 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
     esac
   done
   "$PY" -m benchmarks.report "$REC" $SMOKE
-} 2>&1 | tee "$OUT/log_peers.txt"
-tar czf "$OUT/records_peers.tar.gz" -C "$REC" . && rm -rf "$REC"
+} 2>&1 | tee "$RESULTS_DIR/log_peers.txt"
+tar czf "$RESULTS_DIR/records_peers.tar.gz" -C "$REC" . && rm -rf "$REC"
