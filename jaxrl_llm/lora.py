@@ -269,7 +269,7 @@ def add_adapters(lora: LoraConfig, params: Params, rng: jax.Array) -> Params:
       if R > min(w_LIO.shape[1:]):
         raise ValueError(f"lora.rank={R} exceeds the rank of the {name} projection "
                          f"{w_LIO.shape[1:]}: PiSSA needs rank <= {min(w_LIO.shape[1:])}")
-      u_LIK, s_LK, vh_LKO = jnp.linalg.svd(w_LIO, full_matrices=False)
+      u_LIK, s_LK, vh_LKO = _svd_per_layer(w_LIO)
       root_LR = jnp.sqrt(s_LK[:, :R] / lora.scale)
       a_LIR = u_LIK[:, :, :R] * root_LR[:, None, :]
       b_LRO = root_LR[:, :, None] * vh_LKO[:, :R, :]
@@ -282,6 +282,19 @@ def add_adapters(lora: LoraConfig, params: Params, rng: jax.Array) -> Params:
     layers[name + A_SUFFIX] = a.astype(w.dtype)
     layers[name + B_SUFFIX] = b.astype(w.dtype)
   return dict(params, layers=layers)
+
+
+def _svd_per_layer(w_LIO: jax.Array):
+  """Thin SVD of each layer's matrix, one layer at a time: (U_LIK, S_LK, Vh_LKO).
+
+  One 2-D SVD per `lax.map` step instead of one batched SVD: on CPU, jaxlib's
+  batched LAPACK SVD splits the batch over XLA's intra-op thread pool and
+  waits for the pieces from a thread of that same pool. With a computation
+  running on several CPU devices at once, every thread of the pool can end up
+  waiting, and the program hangs (seen with 8 CPU devices, jax 0.10.2). One
+  layer at a time also keeps the SVD workspace to one matrix.
+  """
+  return jax.lax.map(lambda w_IO: jnp.linalg.svd(w_IO, full_matrices=False), w_LIO)
 
 
 def base_params(params: Params) -> Params:

@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 import numpy as np
 import pytest
 
@@ -99,6 +100,24 @@ def test_pissa_reconstructs_the_weights_and_its_reference_is_the_original_model(
                              want, atol=2e-5)
   with pytest.raises(ValueError, match="PiSSA needs rank <= 32"):
     lora.add_adapters(LORA.replace(rank=40, init="pissa"), base, jax.random.key(0))
+
+
+def test_pissa_takes_one_two_dimensional_svd_per_layer():
+  """A batched SVD of all layers hung 8 CPU devices (jaxlib's LAPACK kernel waits on the
+  intra-op thread pool from inside it): PiSSA's SVD runs one layer's matrix at a time."""
+  cfg = BASE.replace(lora=LORA.replace(init="pissa"))
+  jaxpr = jax.make_jaxpr(lambda p: lora.add_adapters(cfg.lora, p, jax.random.key(1)))(
+      testing.tiny_params(BASE))
+
+  def svd_operand_ranks(jpr):
+    for eqn in jpr.eqns:
+      if eqn.primitive.name == "svd":
+        yield eqn.invars[0].aval.ndim
+      for sub in jex_core.jaxprs_in_params(eqn.params):
+        yield from svd_operand_ranks(sub)
+
+  ranks = list(svd_operand_ranks(jaxpr.jaxpr))
+  assert ranks and set(ranks) == {2}, ranks
 
 
 def test_merged_weights_equal_the_unmerged_path():

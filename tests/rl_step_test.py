@@ -43,9 +43,6 @@ def run_steps(rl, mesh_shape, n=2, key=3):
   batch = sharding.shard_batch(make_batch(), mesh)
   for _ in range(n):
     state, metrics = fn(state, batch, jax.random.key(key), ref)
-    # One 8-device step at a time: queued multi-device executions on a loaded 2-core
-    # host have deadlocked XLA:CPU's collectives here.
-    state = jax.block_until_ready(state)
   return jax.device_get(state), jax.device_get(metrics), fn
 
 
