@@ -112,15 +112,15 @@ def test_notebooks_match_their_generator():
 
 
 def test_quickstart_notebook_config_is_configs_quickstart():
-  """Notebook 02 writes out configs/quickstart.py (absent from the installed package)."""
+  """Notebook 02 builds configs/quickstart.py's recipe (absent from the installed package)."""
   from jaxrl_llm import config as config_lib
   nb = nbformat.read(NOTEBOOK_DIR / "02_grpo_quickstart.ipynb", as_version=4)
-  source = next(c.source for c in nb.cells if "def quickstart_config" in c.source)
-  fn = next(n for n in ast.parse(source).body
-            if isinstance(n, ast.FunctionDef) and n.name == "quickstart_config")
-  namespace = {"config_lib": config_lib}
-  exec(compile(ast.Module([fn], type_ignores=[]), "notebook 02", "exec"), namespace)
+  source = next(c.source for c in nb.cells if "arithmetic_rl_recipe(" in c.source)
+  call = next(n.value for n in ast.parse(source).body
+              if isinstance(n, ast.Assign) and [t.id for t in n.targets] == ["c"])
+  recipe = eval(compile(ast.Expression(call), "notebook 02", "eval"),  # noqa: S307
+                {"config_lib": config_lib})
   spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs" / "quickstart.py")
   quickstart = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(quickstart)
-  assert namespace["quickstart_config"]().to_dict() == quickstart.get_config().to_dict()
+  assert recipe.to_dict() == quickstart.get_config().to_dict()
