@@ -8,7 +8,7 @@ rank-16 LoRA adapters on every projection (q, k, v, o, gate, up, down) of the
 frozen warm-started base with GRPO. The KL term's reference is the frozen base
 with adapters off: no second copy of the weights (`jaxrl_llm.lora`). LoRA
 wants a larger learning rate than full fine-tuning (the update is s·A·B with
-A, B small). Result of one run (seed 0): docs/lora.md.
+A, B small). Results over seeds 0, 1, 2: docs/lora.md.
 """
 
 from jaxrl_llm.config import arithmetic_rl_recipe, parse_arg
