@@ -533,8 +533,9 @@ for i, ex in enumerate(test):
 chosen projection $W$ the model computes $xW + s\\,(xA)B$ with $A$ of shape
 (in, r), $B$ of shape (r, out), $s = \\alpha / r$, and $B = 0$ at the start, so
 training starts from the base model. The optimizer holds state for the adapters
-alone, checkpoints hold only the adapters, and the KL reference is the frozen
-base with the adapters switched off, so no second copy of the weights exists.
+alone, the KL reference is the frozen base with the adapters switched off (no
+second copy of the weights), and `model.lora.adapter_only_checkpoints = True`
+makes checkpoints hold only the adapters (off here: the whole state is saved).
 The memory plan printed by the run shows the split. The run below starts from
 the same SFT checkpoint as the run above (`trainer.init_from`), with rank-8
 adapters on all seven projections (q, k, v, o, gate, up, down). Adapters take a

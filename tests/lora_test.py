@@ -4,9 +4,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jex_core
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 
 from jaxrl_llm import config as config_lib
 from jaxrl_llm import lora, optim, sharding, testing, trainer, tree_paths
