@@ -10,6 +10,9 @@
 # PLAN=rollout: floors, decode attention alone, W5 with the rollout engine and
 #   with the static sampler, W3 at batch 64/512.
 # PLAN=w1: floors, W1 with the prompt prefilled once per group and once per sample.
+# PLAN=lora_w1: floors, W1 with LoRA (r = 64, seven projections) next to
+#   full-parameter W1 (benchmarks/lora_bench.py --workload w1), then W5 with the
+#   length-bucketed update (the baseline for a tunix W5 run on the same machine).
 # PLAN=buckets: floors, W5 with the length-bucketed update (rl.length_buckets 4),
 #   then W3's decode step at batch 64/512 with XLA's defaults and with the
 #   decode loop captured as CUDA graphs (CMDBUF_FLAGS: while loops and conditionals
@@ -76,6 +79,9 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       run 90 benchmarks.w3_decode --variants b64_np,b512_np --repeats 3
       XLA_FLAGS="${CMDBUF_FLAGS:---xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1}" \
         run 90 benchmarks.w3_decode --variants b64_np,b512_np --repeats 3 --tag cmdbuf ;;
+    lora_w1)
+      run 420 benchmarks.lora_bench --workload w1 --repeats 3
+      run 170 benchmarks.w5_ragged_grpo_step --variant engine --tag buckets4 --repeats 3 ;;
     w1)
       run 200 benchmarks.w1_grpo_step --repeats 3
       run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample ;;
