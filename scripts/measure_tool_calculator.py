@@ -11,10 +11,12 @@ scores greedy decoding on the test split:
               (`multiturn.evaluate`), correct when the final turn is the answer
   no tool     the direct-answer SFT model, one greedy turn
 
-greedy and sampled (T = 1), and prints the results as JSON.
+greedy and sampled (T = 1), and prints the results as JSON (also written to
+<out>/results.json). `--seed` sets every stage's `config.seed`.
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -68,6 +70,7 @@ def main():
   parser.add_argument("--out", default="/tmp/calc")
   parser.add_argument("--sft_steps", type=int, default=300)
   parser.add_argument("--rl_steps", type=int, default=60)
+  parser.add_argument("--seed", type=int, default=0, help="config.seed of every stage")
   parser.add_argument("--stages", default="sft,rl,direct",
                       help="stages to train (a finished stage resumes at once); the others "
                       "are only evaluated where their checkpoint exists")
@@ -75,7 +78,8 @@ def main():
   common = f"sft={args.out}/sft,data={args.out}/data,sft_steps={args.sft_steps}," \
            f"rl_steps={args.rl_steps}"
   t0 = time.time()
-  cfgs = {s: recipe(f"stage={s},{common}") for s in ("sft", "rl", "direct")}
+  cfgs = {s: dataclasses.replace(recipe(f"stage={s},{common}"), seed=args.seed)
+          for s in ("sft", "rl", "direct")}
   results = {}
   for stage in [s for s in args.stages.split(",") if s]:
     final = trainer.run(cfgs[stage], os.path.join(args.out, stage))
@@ -112,8 +116,12 @@ def main():
     results[name + "_sampled"] = multiturn.evaluate(step, params, batches, correct,
                                                     max_turns=turns, greedy=False)
   results["num_test"] = len(test)
+  results["seed"] = args.seed
   results["minutes"] = (time.time() - t0) / 60
-  print(json.dumps(results, indent=1, sort_keys=True))
+  text = json.dumps(results, indent=1, sort_keys=True)
+  print(text)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    f.write(text + "\n")
 
 
 if __name__ == "__main__":
