@@ -34,8 +34,11 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.51", "torch==2.13.0",
              "tokenizers>=0.20", "jinja2>=3.1", "nbclient>=0.10", "nbformat>=5.10",
              "ipykernel>=6.29", "matplotlib>=3.8", *GCS, "gcp-storage-emulator>=2026.7",
-             "wandb>=0.17", "peft>=0.13"],
+             "wandb>=0.17", "peft>=0.13",
+             "datasets>=3.0"],  # real save_to_disk output for the hf_disk reader's test
     "hf": ["tokenizers>=0.20", "jinja2>=3.1"],
+    # math reward: math-verify's symbolic equivalence, tried before sympy (rewards.host)
+    "math": ["math-verify>=0.7"],
     "notebooks": ["matplotlib>=3.8", "ipykernel>=6.29"],
     "gpu": ["jax[cuda12]>=0.6"],
     "tpu": ["jax[tpu]>=0.6", *GCS],  # TPU pods keep their workdir on GCS

@@ -14,8 +14,9 @@
            micro-batch (XLA asked for 135-146 GiB): run it with
            --remat full --microbatches 64 (BENCHMARKS.md, 2026-12-05).
   w1       W1 (0.5B, the same step and shape as benchmarks/w1_grpo_step.py)
-           with LoRA (variant "lora", r = --rank) next to full-parameter
-           training (variant "full", with its reference copy).
+           with LoRA (variant "lora", r = --rank; "lora_merged": the same with
+           the rollout on merged weights) next to full-parameter training
+           (variant "full", with its reference copy).
 
 --quantize_base int8 | int4 | nf4 stores the frozen projection weights of
 the LoRA variants quantized (model.lora.quantize_base, jaxrl_llm.quantize:
@@ -61,7 +62,7 @@ from jaxrl_llm.train_state import create_train_state
 # Qwen2.5-7B: untied embeddings, GQA 28/4, qkv bias.
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28,
                  num_kv_heads=4, intermediate_size=18944)
-WORKLOADS = {"rollout": ("unmerged", "merged"), "w6": ("lora",), "w1": ("lora", "full")}
+WORKLOADS = {"rollout": ("unmerged", "merged"), "w6": ("lora",), "w1": ("lora", "lora_merged", "full")}
 
 
 def model_config(size: str, args, rank: int, merged: bool = False) -> ModelConfig:
@@ -89,7 +90,8 @@ def shape(args, workload: str):
 def build(args, workload: str, variant: str):
   size, R, G, P, L, micro = shape(args, workload)
   rank = 0 if variant == "full" else args.rank
-  cfg = model_config(size, args, rank, merged=variant == "merged")
+  merged = variant in ("merged", "lora_merged")
+  cfg = model_config(size, args, rank, merged=merged)
   rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
                              microbatches=micro, logprob_chunk=args.logprob_chunk)
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
@@ -115,7 +117,7 @@ def build(args, workload: str, variant: str):
             "microbatches": micro, "lora_rank": rank, "lora_alpha": 2.0 * rank if rank else 0,
             "lora_targets": list(lora.TARGETS) if rank else [], "remat": args.remat,
             "param_dtype": args.param_dtype, "dtype": "bfloat16",
-            "merged_rollout": variant == "merged", "logprob_chunk": args.logprob_chunk,
+            "merged_rollout": merged, "logprob_chunk": args.logprob_chunk,
             "quantize_base": cfg.lora.quantize_base if cfg.lora is not None else "none",
             "quantize_block_size": args.quantize_block_size, "num_params": cfg.num_params()}
   return cfg, rl, step, state, sh, batch, config

@@ -29,8 +29,17 @@ target's leaves and shapes with the manifest (a checkpoint of another model
 or kind of run is refused with the differing leaves named), then recomputes
 the checksums of what it read; any mismatch, or a file orbax cannot read, raises
 ``CorruptCheckpointError`` naming the step directory, the leaves and the
-earlier steps to resume from instead. Checkpoints written before the manifest
-existed restore unverified, with a warning.
+earlier steps to resume from instead.
+
+A missing manifest. Every save records in orbax's step metadata
+(``<s>/_CHECKPOINT_METADATA``: its item list, and ``custom_metadata``) that
+the step was written with a manifest. A step whose metadata says so but whose
+``checksums/`` is gone (a partial copy, a deleted directory) is refused with
+``CorruptCheckpointError`` naming the step directory and the earlier steps;
+``CheckpointConfig.allow_unverified_restore`` restores it unverified instead.
+Checkpoints written before manifests existed (no such record) restore
+unverified with a warning printed to stderr. So does a leaf restored into
+another dtype than it was saved in (its bytes differ by design).
 
 Finite states only. ``save`` refuses (``NonFiniteStateError``, nothing
 written) a state with a NaN or Inf in any floating-point leaf, so a diverged
@@ -69,6 +78,7 @@ import dataclasses
 import hashlib
 import json
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -87,6 +97,9 @@ _STATE = "state"
 _EXTRA = "extra"
 _CHECKSUMS = "checksums"
 _MANIFEST_FORMAT = 1
+# orbax's per-step metadata file, and the key our saves add to its custom_metadata.
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+_SAVED_WITH_CHECKSUMS = "checksums_format"
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
@@ -112,11 +125,17 @@ class CheckpointConfig:
     max_to_keep: number of most recent checkpoints kept; None keeps all.
     async_save: write in a background thread so training continues while
       the checkpoint is written.
+    allow_unverified_restore: restore a step whose checksum manifest was
+      saved but is missing (deleted, or lost in a copy) without verifying its
+      arrays, with a printed warning; False refuses it (see the module
+      docstring). Steps saved before manifests existed always restore, with
+      a warning.
   """
 
   save_interval_steps: int = 500
   max_to_keep: int | None = 3
   async_save: bool = True
+  allow_unverified_restore: bool = False
 
   def __post_init__(self):
     if (not isinstance(self.save_interval_steps, int)
@@ -133,6 +152,27 @@ class CheckpointConfig:
       raise ValueError(
           f"CheckpointConfig.async_save={self.async_save!r} must be True or "
           "False.")
+    if not isinstance(self.allow_unverified_restore, bool):
+      raise ValueError(
+          "CheckpointConfig.allow_unverified_restore="
+          f"{self.allow_unverified_restore!r} must be True or False.")
+
+
+def _warn(message: str) -> None:
+  """Logs `message` and prints it to stderr (once, from process 0): launchers may set
+  absl logging to ERROR, and a restore that skipped verification must be seen."""
+  logging.warning(message)
+  if jax.process_index() == 0:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _step_metadata_says_checksums(metadata: Mapping[str, Any]) -> bool:
+  """Whether a step's orbax metadata (its _CHECKPOINT_METADATA JSON) records a checksum
+  manifest: our custom_metadata key, or a 'checksums' item in orbax's item list."""
+  custom = metadata.get("custom_metadata") or {}
+  handlers = metadata.get("item_handlers") or {}
+  return (isinstance(custom, dict) and _SAVED_WITH_CHECKSUMS in custom) or (
+      isinstance(handlers, dict) and _CHECKSUMS in handlers)
 
 
 def _abstract_leaf(path, leaf) -> jax.ShapeDtypeStruct:
@@ -342,7 +382,7 @@ class Checkpointer:
             _EXTRA: ocp.args.JsonSave(extra),
             _CHECKSUMS: ocp.args.JsonSave(manifest),
         }),
-        force=True)
+        force=True, custom_metadata={_SAVED_WITH_CHECKSUMS: _MANIFEST_FORMAT})
     if saved:
       logging.info("Saving checkpoint for step %d to %s.", step,
                    self.directory)
@@ -371,11 +411,43 @@ class Checkpointer:
         f"(e.g. a truncated copy or a disk error), or were not written by this version. "
         f"{self._earlier(step)}")
 
+  def _saved_with_checksums(self, step: int) -> bool:
+    """Whether the step's own metadata says it was saved with a checksum manifest
+    (False when that metadata is absent or unreadable: an older or foreign save)."""
+    file = self._step_dir(step) / _STEP_METADATA
+    try:
+      metadata = json.loads(file.read_text())
+    except (OSError, ValueError):
+      return False
+    return isinstance(metadata, dict) and _step_metadata_says_checksums(metadata)
+
+  def _missing_manifest(self, step: int) -> None:
+    """A step without checksums/: refused when it was saved with one (unless
+    cfg.allow_unverified_restore), else restored unverified with a printed warning."""
+    where = self._step_dir(step)
+    if not self._saved_with_checksums(step):
+      _warn(f"Checkpoint {where} has no checksum manifest ({_CHECKSUMS}/): it was saved by an "
+            "older version, so its arrays are restored unverified (a damaged file would "
+            "restore silently into different numbers).")
+      return
+    if self.cfg.allow_unverified_restore:
+      _warn(f"Checkpoint {where} was saved with a checksum manifest, but {_CHECKSUMS}/ is "
+            "missing; restoring it unverified as checkpoint.allow_unverified_restore=True "
+            "asks.")
+      return
+    raise CorruptCheckpointError(
+        f"Checkpoint {where} was saved with a checksum manifest, but {where / _CHECKSUMS} is "
+        "missing (deleted, or lost in a partial copy), so its arrays cannot be verified. "
+        f"Copy {_CHECKSUMS}/ back from where the checkpoint came from, or resume from an "
+        f"earlier step: {self._earlier(step)} To restore it unverified anyway, set "
+        "checkpoint.allow_unverified_restore=True (CheckpointConfig(allow_unverified_restore="
+        "True) for a Checkpointer built in code).")
+
   def _manifest(self, step: int) -> dict[str, Any] | None:
-    """The step's checksum manifest; None for checkpoints saved before manifests."""
+    """The step's checksum manifest; None when it has none and may restore unverified
+    (see `_missing_manifest`)."""
     if not (self._step_dir(step) / _CHECKSUMS).exists():
-      logging.warning("Checkpoint %s has no checksum manifest (saved by an older version); "
-                      "restoring it unverified.", self._step_dir(step))
+      self._missing_manifest(step)
       return None
     try:
       restored = self._manager.restore(
@@ -430,9 +502,10 @@ class Checkpointer:
     if extra is not None and _extra_sha256(extra) != manifest["extra_sha256"]:
       bad.append(f"{_EXTRA}/ (the JSON extra: data position, config, ...)")
     if unchecked:
-      logging.warning("Checkpoint %s: %d leaves restored into another dtype were not "
-                      "verified (%s).", self._step_dir(step), len(unchecked),
-                      _listed(unchecked))
+      _warn(f"Checkpoint {self._step_dir(step)}: {len(unchecked)} leaves restored into "
+            f"another dtype than they were saved in were not verified ({_listed(unchecked)}); "
+            "restore into the saved dtypes (the manifest in checksums/ lists them) to verify "
+            "them.")
     if bad:
       raise CorruptCheckpointError(
           f"Checkpoint {self._step_dir(step)} is corrupt: {len(bad)} items read back differ "

@@ -15,6 +15,7 @@ import types
 import typing
 from typing import Any, Optional, Union
 
+from jaxrl_llm import config_checks
 from jaxrl_llm.checkpoint import CheckpointConfig
 from jaxrl_llm.data.pipeline import DataConfig
 from jaxrl_llm.distill import DistillConfig
@@ -93,6 +94,7 @@ class RewardSpec:
   reward_model_aggregation: str = ""
 
   def __post_init__(self):
+    config_checks.require_finite(self, "reward")  # the component weights
     uses_rm = any(name == "reward_model" for name, _ in self.components)
     aggregations = ("", "mean", "worst_case", "uncertainty_weighted")
     if self.reward_model_aggregation not in aggregations:
@@ -121,6 +123,7 @@ class SFTWarmstart:
   batch_size: int = 64
 
   def __post_init__(self):
+    config_checks.require_finite(self, "trainer.sft_warmstart")
     if self.num_steps < 0:
       raise ValueError(f"trainer.sft_warmstart.num_steps must be >= 0, got {self.num_steps}")
     if not 0 < self.learning_rate < math.inf:
@@ -139,6 +142,7 @@ class RewardModelConfig:
   sft_coef: float = 0.0         # NLL on chosen answers as a regulariser (0: off)
 
   def __post_init__(self):
+    config_checks.require_finite(self, "reward_model")
     if self.num_heads < 1:
       raise ValueError(f"reward_model.num_heads must be >= 1, got {self.num_heads}")
     aggregations = ("mean", "worst_case", "uncertainty_weighted")
@@ -307,6 +311,15 @@ def check_sequence_lengths(cfg: ExperimentConfig, max_positions: int, model: str
 # What a resumed checkpoint must share with the run resuming it: the kind, the model and
 # tokenizer, and the algorithm of the kind.
 RESUME_FIELDS = ("kind", "model.source", "model.builtin", "model.path", "data.tokenizer")
+# The adapters: their shapes, scale s = alpha / rank and kind, and whether the checkpoint
+# holds the adapters only (then the frozen base is not in it).
+LORA_RESUME_FIELDS = ("model.lora.rank", "model.lora.alpha", "model.lora.target_modules",
+                      "model.lora.init", "model.lora.adapter_only_checkpoints")
+# An adapter-only checkpoint (`lora.AdapterOnlyCheckpointer`) is resumed on a frozen base
+# rebuilt from the current config: everything that base is built from must be the same.
+ADAPTER_ONLY_RESUME_FIELDS = ("trainer.init_from", "model.lora.quantize_base",
+                              "model.lora.quantize_block_size", "model.lora.full_sft_warmstart",
+                              "trainer.sft_warmstart.num_steps", "model.param_dtype")
 RESUME_FIELDS_OF_KIND = {
     "rl": ("rl.advantage", "rl.policy_loss", "rl.length_shaping"),
     "dpo": ("preference.losses",),
@@ -326,17 +339,43 @@ def _dotted(tree: Any, name: str) -> Any:
   return tree
 
 
+def _adapter_only_fields(saved: dict, cfg: ExperimentConfig) -> tuple[str, ...]:
+  """`ADAPTER_ONLY_RESUME_FIELDS` when the saved run or this one keeps adapter-only
+  checkpoints, plus `seed` when the base is a built-in model's random init (no init_from,
+  no SFT warm-start); else ()."""
+  if not (_dotted(saved, "model.lora.adapter_only_checkpoints") is True
+          or cfg.model.lora.adapter_only_checkpoints):
+    return ()
+  random_base = (cfg.model.source == "builtin" and not cfg.trainer.init_from
+                 and cfg.trainer.sft_warmstart.num_steps == 0)
+  return ADAPTER_ONLY_RESUME_FIELDS + (("seed",) if random_base else ())
+
+
 def resume_conflicts(saved: dict, cfg: ExperimentConfig) -> list[str]:
   """How the config stored with a checkpoint (`to_dict` form) differs from `cfg` where a
-  resume needs them equal (`RESUME_FIELDS`), one "field: saved X, now Y" line each."""
+  resume needs them equal, one "field: saved X, now Y" line each.
+
+  The fields: `RESUME_FIELDS`, those of the kind (`RESUME_FIELDS_OF_KIND`), the adapters'
+  (`LORA_RESUME_FIELDS`) and, for adapter-only checkpoints, what the frozen base is built
+  from (`ADAPTER_ONLY_RESUME_FIELDS`). A LoRA or adapter-only field missing from an older
+  snapshot compares as its default.
+  """
   now = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists, like the stored snapshot
+  defaults = json.loads(json.dumps(to_dict(ExperimentConfig())))
   names = RESUME_FIELDS + RESUME_FIELDS_OF_KIND.get(cfg.kind, ())
   if cfg.model.source == "builtin":
     names = tuple(n for n in names if n != "model.path")
   else:
     names = tuple(n for n in names if n != "model.builtin")
-  return [f"{name}: saved {_dotted(saved, name)!r}, now {_dotted(now, name)!r}"
-          for name in names if _dotted(saved, name) != _dotted(now, name)]
+  newer = LORA_RESUME_FIELDS + _adapter_only_fields(saved, cfg)
+  names += tuple(n for n in newer if n not in names)
+
+  def saved_value(name):
+    value = _dotted(saved, name)
+    return _dotted(defaults, name) if value == "<not set>" and name in newer else value
+
+  return [f"{name}: saved {saved_value(name)!r}, now {_dotted(now, name)!r}"
+          for name in names if saved_value(name) != _dotted(now, name)]
 
 
 # ---------------------------------------------------------------------------

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrl_llm import sampling, sharding
+from jaxrl_llm import config_checks, sampling, sharding
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.rl import rl_step as rl_lib
@@ -351,6 +351,7 @@ class DistillConfig:
   vocab_chunk: int = 0          # kd / gkd: vocabulary columns per chunk (0: all at once)
 
   def __post_init__(self):
+    config_checks.require_finite(self, "distill")
     if self.mode not in MODES:
       raise ValueError(f"distill.mode={self.mode!r}; choose one of {MODES}")
     if self.teacher_source not in TEACHER_SOURCES:
@@ -454,6 +455,7 @@ class DistillStep:
 
   def token_divergence(self, params, teacher_params, tokens_BT, segments_BT, positions_BT):
     """Divergence at every position t (predicting token t + 1): [B, T − 1]."""
+    require_teacher_positions(self.teacher, tokens_BT.shape[1])
     h_s = decoder.hidden_states(self.model, params, tokens_BT, positions_BT=positions_BT,
                                 segment_ids_BT=segments_BT)
     h_t = jax.lax.stop_gradient(decoder.hidden_states(
@@ -582,6 +584,8 @@ class OnPolicyDistillStep(rl_lib.RLStep):
 
   def token_advantages(self, rows, adv_BL):
     d = self.distill
+    require_teacher_positions(
+        self.teacher, rows["prompt_tokens"].shape[1] + rows["completion"].shape[1])
     teacher_view = dataclasses.replace(self, model=self.teacher)
     teacher_logp = teacher_view._batched_logprobs(self.teacher_params, rows)
     student_logp = rows.get("old_logp", rows["sampler_logp"])
@@ -643,6 +647,23 @@ def _check_same_tokenizer(tokenizer, other, where: str) -> None:
                      "teacher of the student's family")
 
 
+def require_teacher_positions(teacher: ModelConfig, length: int) -> None:
+  """Refuses (at trace time) teacher sequences of `length` tokens beyond the teacher's
+  max_position_embeddings."""
+  config_checks.require_positions(
+      length, teacher.max_position_embeddings, "the distillation teacher",
+      "shorten the run's sequences (data.seq_len for kd, data.max_prompt_len + the "
+      "generation length for gkd / on_policy), or distill from a teacher with a longer "
+      "context")
+
+
+def _check_teacher_lengths(run_config, model: ModelConfig, where: str) -> None:
+  """With the run's config, refuses a teacher shorter than the sequences it scores."""
+  if run_config is not None:
+    config_checks.check_secondary_model_lengths(
+        run_config, model.max_position_embeddings, f"the distillation {where}")
+
+
 def _check_vocab(model: ModelConfig, tokenizer, where: str) -> None:
   if model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"{where} has {model.vocab_size} logits, fewer than the tokenizer's "
@@ -652,13 +673,17 @@ def _check_vocab(model: ModelConfig, tokenizer, where: str) -> None:
 
 def load_teacher(d: DistillConfig, *, mesh, rules, tokenizer, tokenizer_name: str,
                  model_config_fn: Callable, seed: int = 0, path: str = "",
-                 say: Callable[[str], None] = print) -> Teacher:
+                 say: Callable[[str], None] = print, run_config=None) -> Teacher:
   """The teacher of `d` on `mesh`, sharded by `rules` over its own model config.
 
   `path` overrides `d.teacher_path` as a "workdir" teacher (the trainer's
   teacher SFT stage). `model_config_fn(model_spec) -> ModelConfig` turns a
   `config.ModelSpec` into a model config (the trainer's `model_config`).
-  Raises ValueError when the teacher does not share the student's tokenizer.
+  `run_config`, the run's `ExperimentConfig`: the teacher scores the run's
+  training sequences (`config.sequence_budgets`), so its max_position_embeddings
+  must cover them; checked before any weight is read.
+  Raises ValueError when the teacher does not share the student's tokenizer, or
+  is too short for the run's sequences.
   """
   from jaxrl_llm import config as config_lib
   from jaxrl_llm.checkpoint import finished_run
@@ -681,6 +706,7 @@ def load_teacher(d: DistillConfig, *, mesh, rules, tokenizer, tokenizer_name: st
                          f"{tokenizer_name!r}: teacher and student need one tokenizer")
       model = model_config_fn(spec)
       _check_vocab(model, tokenizer, where)
+      _check_teacher_lengths(run_config, model, where)
       shardings = param_shardings(model, mesh, rules)
       abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               decoder.param_shapes(model), shardings)
@@ -697,6 +723,7 @@ def load_teacher(d: DistillConfig, *, mesh, rules, tokenizer, tokenizer_name: st
     model = model_config_fn(spec)
     where = f"teacher {path!r}"
     _check_vocab(model, tokenizer, where)
+    _check_teacher_lengths(run_config, model, where)
     if any(fileio.exists(fileio.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
       _check_same_tokenizer(tokenizer, load_tokenizer(path), where)
     shardings = param_shardings(model, mesh, rules)
@@ -707,6 +734,8 @@ def load_teacher(d: DistillConfig, *, mesh, rules, tokenizer, tokenizer_name: st
   spec = config_lib.ModelSpec(source="builtin", builtin=d.teacher_builtin, dtype=d.teacher_dtype,
                               param_dtype=d.teacher_dtype)
   model = model_config_fn(spec)
+  _check_teacher_lengths(run_config, model,
+                         f"teacher distill.teacher_builtin={d.teacher_builtin!r}")
   shardings = param_shardings(model, mesh, rules)
   params = jax.jit(lambda key: decoder.init_params(model, key), out_shardings=shardings)(
       jax.random.fold_in(jax.random.key(seed), 7919))

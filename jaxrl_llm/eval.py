@@ -5,14 +5,25 @@ so a number reported during training and one reported afterwards come from the
 same code.
 
 Per problem it decodes one greedy completion (`greedy=True`) and n =
-`num_samples` completions at `temperature`, and checks each with
-`is_correct`, the same rule the RL reward applies:
-  - built-in tasks (arithmetic, countdown): the task's verifier on the
-    completion ended by EOS (the in-graph `correct` / `countdown` reward);
-  - the built-in preference task: does the completion follow its rule;
-  - any other data (GSM8K, MATH, ...): `rewards.host.math_reward`, the scorer
-    of the `math` reward component (truncated completions are scored too, as
-    the reward scores them).
+`num_samples` completions at `temperature`, and decides whether each is
+correct by the rule the run is rewarded by:
+  - a run whose reward.components name a correctness component ("math",
+    "countdown" or "correct"; the first one named, whatever its weight): that
+    component gives full marks (1.0). It is computed by the RL reward's own
+    code (`rewards.registry.host_scorer`) on the completion's tokens, so eval
+    and reward agree by construction (`reward_correctness`);
+  - otherwise (no reward, as in SFT or DPO runs, or a reward without a notion
+    of correctness, e.g. only "reward_model" or "format": then said in the
+    output and metric eval/scored_by_reward = 0) `is_correct`, the data's
+    reference rule:
+    - built-in tasks (arithmetic, countdown): the task's verifier on the
+      completion ended by EOS (the in-graph `correct` reward);
+    - the built-in preference task: does the completion follow its rule;
+    - any other data (GSM8K, MATH, ...): `rewards.host.math_reward`, the
+      scorer of the `math` reward component (truncated completions are
+      scored too, as the reward scores them).
+"answer_id" is a label (an id of the answer span, for advantage="copo"), not
+a correctness rule, and never decides correctness.
 
 Metrics, with c of the n samples of a problem correct (averaged over problems):
   eval/accuracy            greedy accuracy
@@ -25,6 +36,9 @@ Metrics, with c of the n samples of a problem correct (averaged over problems):
                            compared after normalisation (`answer_key`)
   eval/response_length     mean completion tokens (greedy; sample_ for samples)
   eval/finished            fraction ended by EOS
+  eval/scored_by_reward    1 when correctness is a configured reward component's,
+                           0 when reward.components have no correctness component
+                           (only reported when the evaluator is given the components)
 With `repeats` = R > 1 the n samples are drawn R times with independent keys
 and each sampled metric is reported as the mean over repeats with a `_std`
 companion (the spread a reader needs to tell a gain from noise).
@@ -43,6 +57,7 @@ import dataclasses
 import functools
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -163,6 +178,117 @@ def answer_key(example: Mapping[str, Any], text: str, *,
   return None if found is None else host.normalize_answer(found)
 
 
+# Reward components whose full marks (1.0) mean "the completion is correct".
+CORRECTNESS_COMPONENTS = ("math", "countdown", "correct")
+
+
+def correctness_component(components: Sequence[tuple[str, float]]) -> Optional[str]:
+  """The reward component that decides correctness in evaluation, or None.
+
+  Rule: the first of `components` (config order, any weight: a weight-0
+  component is still computed and reported) that is one of
+  CORRECTNESS_COMPONENTS. "format", "reward_model" and the "answer_id" label
+  have no notion of a correct answer: None when only they are named.
+  """
+  return next((name for name, _ in components if name in CORRECTNESS_COMPONENTS), None)
+
+
+def reference_rule(example: Mapping[str, Any]) -> str:
+  """Which rule `is_correct` applies to `example`, in words (for eval output)."""
+  if example.get("task") in tasks.TASKS:
+    return f"the {example['task']} task's verifier"
+  if "chosen" in example:
+    return "the synthetic preference rule"
+  return "rewards.host.math_reward"
+
+
+def _answer_arrays(tokenizer, examples: Sequence[Mapping[str, Any]]):
+  """answer_tokens / answer_mask [N, A] of `examples`, as the "rl" data pipeline builds them.
+
+  The final answer (`answers.gold_answer` of the "answer" field) and EOS,
+  right-padded: what the in-graph `correct` reward compares completions with.
+  """
+  from jaxrl_llm.rewards import answers
+  missing = [i for i, ex in enumerate(examples) if "answer" not in ex]
+  if missing:
+    raise ValueError(f"reward component 'correct' compares completions with the example's "
+                     f"'answer' field, which held-out examples {missing[:5]} lack; map the "
+                     "answer field with data.field_map")
+  ids = tokenizer.encode_batch([answers.gold_answer(str(ex["answer"])) for ex in examples],
+                               add_eos=True)
+  width = max((len(row) for row in ids), default=1)
+  tokens = np.full((len(ids), width), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(ids), width), np.int32)
+  for r, row in enumerate(ids):
+    tokens[r, :len(row)], mask[r, :len(row)] = row, 1
+  return tokens, mask
+
+
+def reward_correctness(component: str, tokenizer, examples: Sequence[Mapping[str, Any]], *,
+                       host_timeout_s: float = 5.0, last_number_fallback: bool = False):
+  """`correct(problem_R, tokens_RL, mask_RL, finished_R) -> bool [R]` by one reward component.
+
+  Row r is a sampled completion of `examples[problem_R[r]]`: its tokens (stop
+  token included) and mask as the sampler returns them, and whether a stop
+  token ended it. It is correct iff `component` (one of
+  CORRECTNESS_COMPONENTS) scores it 1.0, computed by
+  `registry.host_scorer`, the split-mode RL reward, on the rollout dict the
+  RL step would build (answer arrays as the "rl" data pipeline encodes them),
+  with the run's `host_timeout_s` and `math_last_number_fallback`.
+  """
+  from jaxrl_llm.rewards import registry
+  if component not in CORRECTNESS_COMPONENTS:
+    raise ValueError(f"reward component {component!r} has no notion of a correct answer; "
+                     f"correctness follows one of {CORRECTNESS_COMPONENTS}")
+  examples = [dict(ex) for ex in examples]
+  score = registry.host_scorer(((component, 1.0),), tokenizer, examples,
+                               host_timeout_s=host_timeout_s,
+                               math_last_number_fallback=last_number_fallback)
+  answers_NA = _answer_arrays(tokenizer, examples) if component == "correct" else None
+
+  def correct(problem_R, tokens_RL, mask_RL, finished_R) -> np.ndarray:
+    problem_R = np.asarray(problem_R, np.int32)
+    if problem_R.size == 0:
+      return np.zeros((0,), bool)
+    ro = {"completion": np.asarray(tokens_RL, np.int32),
+          "completion_mask": np.asarray(mask_RL, np.int32),
+          "finished": np.asarray(finished_R, bool), "prompt_id": problem_R}
+    if answers_NA is not None:
+      ro["answer_tokens"], ro["answer_mask"] = (a[problem_R] for a in answers_NA)
+    _, parts = score(ro)
+    return np.asarray(parts[component]) == 1.0
+  return correct
+
+
+def run_reward_components(cfg) -> Optional[tuple[tuple[str, float], ...]]:
+  """`cfg.reward.components` when they are the run's training signal, else None.
+
+  They are for kind "rl", "online_dpo", "iterative_dpo" with
+  iterative.judge="reward" and "distill" with distill.mode="on_policy", on
+  prompt data; "sft", "dpo", "reward_model" (and preference data) are trained
+  without them, and evaluation then uses the data's reference rule.
+  """
+  rewarded = (cfg.kind in ("rl", "online_dpo")
+              or (cfg.kind == "iterative_dpo" and cfg.iterative.judge == "reward")
+              or (cfg.kind == "distill" and cfg.distill.mode == "on_policy"))
+  if not rewarded or cfg.data.kind != "prompt":
+    return None
+  return tuple(cfg.reward.components)
+
+
+def _say_on_process_0(say: Callable[[str], None]) -> Callable[[str], None]:
+  return lambda message: say(message) if jax.process_index() == 0 else None
+
+
+def progress_line(label: str, done: int, total: int, batch: int, num_batches: int,
+                  elapsed_s: float) -> str:
+  """One progress line: completions done, batch, completions/s and ETA (from the rate so far)."""
+  rate = done / elapsed_s if elapsed_s > 0 else float("inf")
+  eta = (total - done) / rate if rate > 0 else float("inf")
+  return (f"eval [{label}]: {done}/{total} completions (batch {batch}/{num_batches}), "
+          f"{rate:.1f} completions/s, ETA {eta:.0f}s")
+
+
 # ---------------------------------------------------------------------------
 # The evaluator.
 # ---------------------------------------------------------------------------
@@ -194,15 +320,22 @@ class Evaluator:
     temperature: the sampling temperature when `eval_cfg.temperature` is None.
     last_number_fallback: `reward.math_last_number_fallback` of the run, so
       that evaluation scores answers as the reward does.
+    reward_components: the run's `reward.components` when the run is
+      rewarded by them (`run_reward_components`); None: no reward, the data's
+      reference rule (`is_correct`). See the module docstring for the rule.
+    host_timeout_s: the host reward components' per-call timeout.
     workdir: per-problem results go to `<workdir>/eval/` (any epath).
-    say: where progress and notices go.
+    say: where progress and notices go (process 0 only).
   """
 
   def __init__(self, eval_cfg: EvalConfig, data_cfg, model_cfg, tokenizer, mesh, *,
                examples: Sequence[Mapping[str, Any]], temperature: float = 1.0,
-               last_number_fallback: bool = False, workdir: Optional[str] = None,
+               last_number_fallback: bool = False,
+               reward_components: Optional[Sequence[tuple[str, float]]] = None,
+               host_timeout_s: float = 5.0, workdir: Optional[str] = None,
                say: Callable[[str], None] = print):
     from jaxrl_llm.data import pipeline
+    say = _say_on_process_0(say)
     self.cfg, self.tokenizer, self.mesh, self.say = eval_cfg, tokenizer, mesh, say
     self.workdir = workdir
     self._check = functools.partial(is_correct, last_number_fallback=last_number_fallback)
@@ -221,6 +354,8 @@ class Evaluator:
           "data.max_prompt_len to include them")
     self.examples = [examples[i] for i in keep]
     self.prompt_ids = [ids[i] for i in keep]
+    self._set_rule(reward_components, host_timeout_s=host_timeout_s,
+                   last_number_fallback=last_number_fallback)
     self.P = P
     self.model_cfg = model_cfg.replace(dtype="float32") if eval_cfg.float32 else model_cfg
     common = dict(max_new_tokens=eval_cfg.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
@@ -232,13 +367,51 @@ class Evaluator:
         temperature=self.temperature, top_p=eval_cfg.top_p,
         group_size=max(eval_cfg.num_samples, 1), **common))
 
+  # -- correctness -------------------------------------------------------
+  def _set_rule(self, reward_components, *, host_timeout_s: float,
+                last_number_fallback: bool) -> None:
+    """Chooses the correctness rule (module docstring) and says which it is."""
+    self.component = None           # the reward component deciding correctness, if any
+    self.scored_by_reward = None    # None: no reward given; else whether one decides
+    self._by_reward = None
+    reference = reference_rule(self.examples[0]) if self.examples else "math_reward"
+    self.rule = reference
+    if reward_components is None or not self.examples:
+      return
+    self.component = correctness_component(reward_components)
+    self.scored_by_reward = self.component is not None
+    if self.component is None:
+      self.say(f"eval: reward.components {tuple(reward_components)!r} name no correctness "
+               f"component (one of {CORRECTNESS_COMPONENTS}), so accuracy, pass@k and maj@k "
+               f"are scored by {reference}, not by the reward (metric "
+               "eval/scored_by_reward = 0)")
+      return
+    self._by_reward = reward_correctness(self.component, self.tokenizer, self.examples,
+                                         host_timeout_s=host_timeout_s,
+                                         last_number_fallback=last_number_fallback)
+    self.rule = f"reward component {self.component!r}"
+    if self.component != "math":  # an exact answer span: votes on the span itself
+      self._key = lambda example, text: text.strip() or None
+    self.say(f"eval: correctness = full marks of the {self.rule}")
+
+  def _correct(self, problem_R, rows, tokens_RL, mask_RL) -> list[bool]:
+    """Whether each generated row is correct, by the evaluator's rule."""
+    if self._by_reward is not None:
+      return [bool(c) for c in self._by_reward(problem_R, tokens_RL, mask_RL,
+                                               [fin for _, _, fin in rows])]
+    return [self._check(self.examples[i], text, fin)
+            for i, (text, _, fin) in zip(problem_R, rows)]
+
   # -- generation ----------------------------------------------------------
   def _generate(self, params, problem_R: np.ndarray, sample_R: np.ndarray, repeat: int,
-                greedy: bool, label: str) -> list[tuple[str, int, bool]]:
-    """(text, length, finished) of each row (problem_R[r], sample_R[r]).
+                greedy: bool, label: str):
+    """Rows (problem_R[r], sample_R[r]): ([(text, length, finished)], tokens_RL, mask_RL).
 
-    Sampled rows come in groups of `num_samples` consecutive rows of one
-    problem, generated from one prompt row (its prefill shared by the group).
+    tokens_RL / mask_RL are the sampler's completion tokens (stop token
+    included, pad after) and mask, max_new_tokens wide. Sampled rows come in
+    groups of `num_samples` consecutive rows of one problem, generated from
+    one prompt row (its prefill shared by the group). With more than one
+    batch, each batch prints a progress line (`progress_line`).
     """
     devices = jax.device_count()
     G = 1 if greedy else max(self.cfg.num_samples, 1)
@@ -246,7 +419,10 @@ class Evaluator:
     bs = -(-min(self.cfg.batch_size, max(len(problem_R), 1)) // unit) * unit
     gen = self._greedy if greedy else self._sampled
     out_rows: list[tuple[str, int, bool]] = []
-    total, shown = len(problem_R), 0.0
+    total, width = len(problem_R), self.cfg.max_new_tokens
+    tokens_RL = np.full((total, width), self.tokenizer.pad_id, np.int32)
+    mask_RL = np.zeros((total, width), np.int32)
+    num_batches, started = -(-total // bs), time.perf_counter()
     for start in range(0, total, bs):
       rows = np.arange(start, min(start + bs, total))
       tokens = np.full((bs // G, self.P), self.tokenizer.pad_id, np.int32)
@@ -269,14 +445,15 @@ class Evaluator:
         n = int(out.lengths_B[j])
         ids = [int(t) for t in out.tokens_BL[j, :n]]
         finished = bool(out.finished_B[j])
+        w = min(width, out.tokens_BL.shape[1])
+        tokens_RL[start + j, :w], mask_RL[start + j, :w] = out.tokens_BL[j, :w], out.mask_BL[j, :w]
         if finished and ids and ids[-1] == self.tokenizer.eos_id:
           ids = ids[:-1]
         out_rows.append((self.tokenizer.decode(ids), n, finished))
-      done = len(out_rows) / total
-      if total > bs and (done - shown >= 0.25 or done == 1.0):
-        self.say(f"eval [{label}]: {len(out_rows)}/{total} completions")
-        shown = done
-    return out_rows
+      if num_batches > 1:
+        self.say(progress_line(label, len(out_rows), total, start // bs + 1, num_batches,
+                               time.perf_counter() - started))
+    return out_rows, tokens_RL, mask_RL
 
   # -- metrics -------------------------------------------------------------
   def __call__(self, params, step: Optional[int] = None) -> dict[str, float]:
@@ -292,12 +469,16 @@ class Evaluator:
     results: dict[str, float] = {"eval/num_examples": float(num)}
     if self.skipped:
       results["eval/skipped_prompts"] = float(self.skipped)
+    if self.scored_by_reward is not None:
+      results["eval/scored_by_reward"] = float(self.scored_by_reward)
+    for rec in records:
+      rec["rule"] = self.rule
     if self.cfg.greedy:
-      rows = self._generate(params, np.arange(num), np.zeros(num, np.int64), 0, True, "greedy")
-      correct = []
-      for rec, ex, (text, n, fin) in zip(records, self.examples, rows):
-        ok = self._check(ex, text, fin)
-        correct.append(ok)
+      problem_R = np.arange(num)
+      rows, tokens_RL, mask_RL = self._generate(params, problem_R, np.zeros(num, np.int64), 0,
+                                                True, "greedy")
+      correct = self._correct(problem_R, rows, tokens_RL, mask_RL)
+      for rec, (text, n, fin), ok in zip(records, rows, correct):
         rec["greedy"] = {"text": text, "length": n, "finished": fin, "correct": ok}
       results["eval/accuracy"] = float(np.mean(correct))
       results["eval/response_length"] = float(np.mean([r[1] for r in rows]))
@@ -317,16 +498,17 @@ class Evaluator:
     n, num = self.cfg.num_samples, len(self.examples)
     problem_R = np.repeat(np.arange(num), n)
     sample_R = np.tile(np.arange(n), num)
-    rows = self._generate(params, problem_R, sample_R, repeat, False,
-                          f"{n} samples" + (f", repeat {repeat + 1}" if self.cfg.repeats > 1
-                                            else ""))
+    rows, tokens_RL, mask_RL = self._generate(
+        params, problem_R, sample_R, repeat, False,
+        f"{n} samples" + (f", repeat {repeat + 1}" if self.cfg.repeats > 1 else ""))
+    correct_R = self._correct(problem_R, rows, tokens_RL, mask_RL)
     ks = report_ks(n)
     sums = {f"eval/pass@{k}": 0.0 for k in ks}
     sums.update({f"eval/maj@{k}": 0.0 for k in ks})
     mean_acc, lengths, finished = 0.0, [], []
     for i, (rec, ex) in enumerate(zip(records, self.examples)):
       mine = rows[i * n:(i + 1) * n]
-      correct = [self._check(ex, text, fin) for text, _, fin in mine]
+      correct = correct_R[i * n:(i + 1) * n]
       keys = [self._key(ex, text) for text, _, _ in mine]
       c = int(sum(correct))
       mean_acc += c / n
@@ -369,6 +551,25 @@ def format_table(metrics: Mapping[str, float]) -> str:
 # ---------------------------------------------------------------------------
 # A whole evaluation run (what launch/eval.py calls).
 # ---------------------------------------------------------------------------
+def make_run_evaluator(cfg, model_cfg, tokenizer, mesh, workdir: Optional[str], *,
+                       say: Callable[[str], None] = print) -> Evaluator:
+  """The held-out `Evaluator` of a run on its test split, scored as the run is rewarded.
+
+  Built-in task examples get their task name (so that `is_correct` applies the
+  task's verifier); correctness follows `run_reward_components(cfg)` (module
+  docstring), with the run's `reward.math_last_number_fallback`.
+  """
+  from jaxrl_llm.data.builders import load_split
+  examples = load_split(cfg.data, "test", workdir=workdir)
+  n = min(len(examples), cfg.eval.num_examples)
+  task = {"task": cfg.data.source} if cfg.data.source in tasks.TASKS else {}
+  return Evaluator(cfg.eval, cfg.data, model_cfg, tokenizer, mesh,
+                   examples=[dict(examples[i], **task) for i in range(n)],
+                   temperature=cfg.rl.temperature,
+                   last_number_fallback=cfg.reward.math_last_number_fallback,
+                   reward_components=run_reward_components(cfg), workdir=workdir, say=say)
+
+
 def evaluate_run(cfg, workdir: str, *, hf_path: str = "", step: Optional[int] = None,
                  say: Optional[Callable[[str], None]] = None) -> dict[str, float]:
   """Evaluates a checkpoint with the run's config; returns the metrics.
@@ -419,7 +620,7 @@ def evaluate_run(cfg, workdir: str, *, hf_path: str = "", step: Optional[int] = 
         f"{cfg.model.source!r}; pass the --workdir of a training run, or --hf_path")
   if ckpt is not None:
     ckpt.close()
-  evaluator = trainer.make_evaluator(cfg, model_cfg, tokenizer, mesh, workdir)
+  evaluator = make_run_evaluator(cfg, model_cfg, tokenizer, mesh, workdir, say=say)
   metrics = evaluator(params, step)
   say(format_table(metrics))
   if getattr(evaluator, "results_path", None):

@@ -9,7 +9,9 @@ The same config files and flags as launch/train.py. Params: `--hf_path` if
 given, else the latest (or `--step`) checkpoint in `<workdir>/checkpoints`,
 else `model.path` of an HF config. Prints greedy accuracy, mean@n, pass@k,
 maj@k and lengths (`jaxrl_llm.eval`), and writes per-problem results to
-`<workdir>/eval/`. This file is intentionally short: everything lives in the library.
+`<workdir>/eval/`. A completion is correct by the rule the run is rewarded by
+(its reward.components' correctness component, e.g. "math"; see
+`jaxrl_llm.eval`). This file is intentionally short: everything lives in the library.
 """
 
 from absl import app, flags, logging

@@ -7,19 +7,27 @@
   placement     rollouts are sampled on the actor devices, the state stays on the learner's
   prompts       a run killed with a rollout in flight and resumed from its checkpoint
                 consumes the same prompt ids, step by step, as an uninterrupted run
+  multi-turn    an in-graph environment: k = 0 equals the synchronous multi-turn step;
+                a host environment is refused
+  host rewards  scored on the host between actor and learner: k = 1 is reproducible and
+                equals the in-graph version of the same reward
 """
 import dataclasses
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
+import multiturn_test as mtt
 import numpy as np
 import pytest
 
 from jaxrl_llm import config as config_lib
 from jaxrl_llm import optim, sharding, testing, trainer
+from jaxrl_llm.envs.config import MultiTurnConfig
 from jaxrl_llm.rl import actor_learner as al
 from jaxrl_llm.rl import config as rl_config
+from jaxrl_llm.rl import multiturn as mt
 from jaxrl_llm.rl import rl_step as rls
 from jaxrl_llm.train_state import create_train_state
 
@@ -33,6 +41,13 @@ def target_reward(inputs):
   m = inputs.completion_mask_BL
   frac = jnp.sum((inputs.completion_BL == TARGET) * m, 1) / jnp.maximum(jnp.sum(m, 1), 1)
   return frac, {"correct": (frac > 0.5).astype(jnp.float32)}
+
+
+def host_target_reward(ro):
+  """`target_reward` on the host, in numpy, over a fetched rollout dict."""
+  m = np.asarray(ro["completion_mask"], np.float32)
+  frac = np.sum((ro["completion"] == TARGET) * m, 1) / np.maximum(np.sum(m, 1), 1)
+  return frac, {"correct": (frac > 0.5).astype(np.float32)}
 
 
 class Batches:
@@ -60,32 +75,37 @@ def rl(**kw):
 
 
 def build(rl_cfg, devices):
+  """The step on a mesh over `devices`: multi-turn (`multiturn_test.ScriptEnv`, an in-graph
+  environment) when rl_cfg.multiturn.enabled."""
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=3e-2, grad_clip_norm=1.0))
   mesh = sharding.make_mesh(MESH, devices)
   state, sh = create_train_state(CFG, tx, jax.random.key(0), mesh,
                                  extra_fn=lambda: rls.init_rl_extra(rl_cfg))
-  return rls.RLStep(CFG, rl_cfg, tx, target_reward, eos_id=EOS, mesh=mesh), state, sh, mesh
+  make = (functools.partial(mt.MultiTurnRLStep, env=mtt.ScriptEnv())
+          if rl_cfg.multiturn.enabled else rls.RLStep)
+  return make(CFG, rl_cfg, tx, target_reward, eos_id=EOS, mesh=mesh), state, sh, mesh
 
 
 _COMPILED = {}  # rl config -> an ActorLearner whose compiled stages later runs reuse
 
 
-def actor_learner(rl_cfg, lag, num_steps=STEPS):
+def actor_learner(rl_cfg, lag, num_steps=STEPS, host_reward=None):
   actor_devs, learner_devs = al.split_devices(4)
   step, state, sh, learner_mesh = build(rl_cfg, learner_devs)
   actor_mesh = sharding.make_mesh(MESH, actor_devs)
   ref = jax.tree.map(jnp.copy, state.params)
   pipeline = al.PromptPipeline(Batches())
   run = al.ActorLearner(step, actor_mesh, learner_mesh, sh, pipeline, num_steps, lag=lag,
-                        ref_params=ref)
-  # The stages do not depend on the lag: compile them once per config (fast tests).
-  first = _COMPILED.setdefault(rl_cfg, run)
-  run._act, run._learn = first._act, first._learn
+                        ref_params=ref, host_reward=host_reward)
+  # The stages do not depend on the lag (nor the actor's on which host scorer runs after
+  # it): compile them once per config (fast tests).
+  run._act = _COMPILED.setdefault((rl_cfg, host_reward is not None), run)._act
+  run._learn = _COMPILED.setdefault(rl_cfg, run)._learn
   return run, state, pipeline, actor_mesh
 
 
-def run_async(rl_cfg, lag, num_steps=STEPS):
-  run, state, pipeline, actor_mesh = actor_learner(rl_cfg, lag, num_steps)
+def run_async(rl_cfg, lag, num_steps=STEPS, host_reward=None):
+  run, state, pipeline, actor_mesh = actor_learner(rl_cfg, lag, num_steps, host_reward)
   rng = jax.random.key(SEED)
   out = []
   for _ in range(num_steps):
@@ -217,6 +237,59 @@ def test_remix_reincarnation_drops_the_lag_and_resets_the_reference():
 
 
 # ---------------------------------------------------------------------------
+# Multi-turn rollouts and host-scored rewards.
+# ---------------------------------------------------------------------------
+def test_multiturn_lag_zero_equals_the_synchronous_multiturn_step():
+  """The actor runs the multi-turn rollout (in-graph env), the learner its update."""
+  rl_cfg = rl(multiturn=MultiTurnConfig(enabled=True, max_turns=2, turn_tokens=3))
+  steps = 2
+  params, metrics = run_async(rl_cfg, 0, num_steps=steps)
+  _, learner_devs = al.split_devices(4)
+  step, state, sh, mesh = build(rl_cfg, learner_devs)
+  assert isinstance(step, mt.MultiTurnRLStep)
+  fn = rls.jit_rl_step(step, sh, None, sh.params)
+  ref = jax.tree.map(jnp.copy, state.params)
+  it = Batches()
+  for s in range(steps):
+    state, m = fn(state, sharding.shard_batch(next(it), mesh), jax.random.key(SEED), ref)
+    m = jax.device_get(m)
+    assert_same({k: v for k, v in metrics[s].items() if not k.startswith("async/")}, m)
+    assert m["multiturn/obs_tokens"] > 0 and m["multiturn/turns"] > 1  # observations appended
+  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params))
+
+
+def test_host_reward_lag_one_is_reproducible_and_equals_the_in_graph_reward():
+  """Scored on the host between actor and learner (a background thread): the same
+  rewards, metrics and params as the in-graph reward, and the same in two runs."""
+  rl_cfg = rl()
+  p_dev, m_dev = run_async(rl_cfg, 1, num_steps=2)
+  p1, m1 = run_async(rl_cfg, 1, num_steps=2, host_reward=host_target_reward)
+  p2, m2 = run_async(rl_cfg, 1, num_steps=2, host_reward=host_target_reward)
+  for a, b in zip(m1, m2, strict=True):
+    assert_same(a, b)
+  jax.tree.map(np.testing.assert_array_equal, p1, p2)
+  for a, b in zip(m1, m_dev, strict=True):
+    assert a.keys() == b.keys()
+    np.testing.assert_array_equal(a["reward/mean"], b["reward/mean"])
+    np.testing.assert_array_equal(a["reward/correct"], b["reward/correct"])
+    for k in a:  # the same rewards into the same learner jit; the actor's jit differs
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert m1[-1]["async/staleness"] == 1 and m1[0]["reward/mean"] > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p_dev)
+
+
+def test_host_reward_errors_reach_the_learner_step():
+  def broken(ro):
+    raise RuntimeError("verifier crashed")
+  run, state, pipeline, actor_mesh = actor_learner(rl(), 1, num_steps=2, host_reward=broken)
+  with pytest.raises(RuntimeError, match="verifier crashed"):
+    run(state, sharding.shard_batch(next(pipeline), actor_mesh), jax.random.key(SEED))
+  with pytest.raises(ValueError, match="remax"):
+    actor_learner(rl_config.from_preset("remax", group_size=4, max_new_tokens=5), 1,
+                  host_reward=host_target_reward)
+
+
+# ---------------------------------------------------------------------------
 # Through the trainer: config routing, checkpoints, kill + resume.
 # ---------------------------------------------------------------------------
 def async_cfg(num_steps, lag=1, **rl_kw):
@@ -290,3 +363,22 @@ def test_config_refuses_bad_combinations():
     dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, split_mode=True))
   with pytest.raises(ValueError, match="rl.async_lag"):
     dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, actor_devices=0))
+  # A host environment runs between compiled turns (split mode): not in the actor's jit.
+  tool = dataclasses.replace(cfg, rl=dataclasses.replace(
+      cfg.rl, multiturn=MultiTurnConfig(enabled=True, env="tool", env_options={"obs_len": 8})))
+  with pytest.raises(ValueError, match=r"rl.multiturn.env='tool'.*trainer.actor_devices=0"):
+    al.check_async_config(tool)
+  al.check_async_config(dataclasses.replace(cfg, rl=dataclasses.replace(
+      cfg.rl, multiturn=MultiTurnConfig(enabled=True, env="calculator"))))  # in-graph: runs
+
+
+def test_async_run_scores_host_components_on_the_host(tmp_path):
+  """reward.components with a host component ("math") go through run_rl_async."""
+  cfg = async_cfg(2)
+  cfg = dataclasses.replace(cfg, reward=dataclasses.replace(
+      cfg.reward, components=(("math", 1.0), ("format", 0.5))))
+  trainer.run(cfg, str(tmp_path))
+  rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  scored = [r for r in rows if "reward/math" in r]
+  assert len(scored) == 2 and all(np.isfinite(r["loss/policy"]) for r in scored)
+  assert all(0.0 <= r["reward/math"] <= 1.0 for r in scored)

@@ -1,5 +1,6 @@
 """Tests of jaxrl_llm.data.builders and jaxrl_llm.data.pipeline."""
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -786,3 +787,89 @@ def test_hf_disk_reads_real_save_to_disk(tmp_path, data_dir):
                    field_map={"prompt": "question"})
   assert [e["prompt"] for e in builders.load_split(cfg, "train")] == [r["question"] for r in rows]
   assert len(builders.load_split(cfg, "test")) == 2
+
+
+def _write_parquet(path, columns):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pq.write_table(pa.table(columns), path)
+  return path
+
+
+def _shards(directory, split, rows_per_shard):
+  """Hub-layout shards "<split>-0000i-of-0000n.parquet", written in reverse order."""
+  n = len(rows_per_shard)
+  for i in reversed(range(n)):
+    prompts = rows_per_shard[i]
+    _write_parquet(directory / f"{split}-{i:05d}-of-{n:05d}.parquet",
+                   {"prompt": prompts, "answer": [p[::-1] for p in prompts]})
+
+
+def test_sharded_parquet_split_reads_shards_in_sorted_order(tmp_path, data_dir):
+  data = tmp_path / "data"
+  _shards(data, "train", [["a", "b"], ["c"], ["d", "e"]])
+  _shards(data, "test", [["x"], ["y"]])
+  want = {"train": ["a", "b", "c", "d", "e"], "test": ["x", "y"]}
+  # The directory holding "<split>-*.parquet" shards (the Hugging Face Hub layout).
+  cfg = DataConfig(source="parquet", path=str(data), data_dir=data_dir)
+  for split, prompts in want.items():
+    examples = builders.load_split(cfg, split)
+    assert [e["prompt"] for e in examples] == prompts
+    assert [e["answer"] for e in examples] == [p[::-1] for p in prompts]
+  # A glob with "{split}", and one directory of shards per split.
+  cfg = DataConfig(source="parquet", path=str(data / "{split}-*.parquet"), data_dir=data_dir)
+  assert [e["prompt"] for e in builders.load_split(cfg, "test")] == ["x", "y"]
+  per_split = tmp_path / "per_split"
+  _shards(per_split / "train", "part", [["p"], ["q"], ["r"]])
+  cfg = DataConfig(source="parquet", path=str(per_split), data_dir=data_dir)
+  assert [e["prompt"] for e in builders.load_split(cfg, "train")] == ["p", "q", "r"]
+  cfg = DataConfig(source="parquet", path=str(per_split / "{split}"), data_dir=data_dir)
+  assert [e["prompt"] for e in builders.load_split(cfg, "train")] == ["p", "q", "r"]
+
+
+def test_sharded_parquet_edit_rebuilds_and_errors_name_the_path(tmp_path, data_dir):
+  data = tmp_path / "data"
+  _shards(data, "train", [["a"], ["b"]])
+  cfg = DataConfig(source="parquet", path=str(data / "train-*.parquet"), data_dir=data_dir)
+  assert [e["prompt"] for e in builders.load_split(cfg, "train")] == ["a", "b"]
+  _shards(data, "train", [["a"], ["z"]])  # an edited shard builds a new copy
+  assert [e["prompt"] for e in builders.load_split(cfg, "train")] == ["a", "z"]
+  with pytest.raises(ValueError, match="'train' split"):
+    builders.load_split(cfg, "test")  # a glob without "{split}" is the train split
+  missing = DataConfig(source="parquet", path=str(data / "{split}-*.parquet"), data_dir=data_dir)
+  with pytest.raises(FileNotFoundError, match=re.escape(f"no Parquet file matches "
+                                                        f"'{data / 'test-*.parquet'}'")):
+    builders.load_split(missing, "test")
+  with pytest.raises(FileNotFoundError, match=r"'test-\*\.parquet' shards"):
+    builders.load_split(DataConfig(source="parquet", path=str(data), data_dir=data_dir), "test")
+  (data / "train-00001-of-00002.parquet").write_bytes(b"not parquet")
+  with pytest.raises(ValueError, match="train-00001-of-00002.parquet is not a readable Parquet"):
+    builders.load_split(cfg, "train")
+
+
+def test_preference_and_unpaired_parquet(tmp_path, data_dir):
+  """The Parquet twins of preference_jsonl / unpaired_jsonl, sharded splits included."""
+  pairs = tmp_path / "pairs"
+  _write_parquet(pairs / "train-00000-of-00002.parquet",
+                 {"prompt": ["1+1="], "chosen": ["2"], "rejected": ["3"]})
+  _write_parquet(pairs / "train-00001-of-00002.parquet",
+                 {"prompt": ["2+2="], "chosen": ["4"], "rejected": ["5"]})
+  cfg = DataConfig(source="preference_parquet", path=str(pairs), data_dir=data_dir)
+  assert cfg.kind == "preference"
+  assert list(builders.load_split(cfg, "train")) == [
+      {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+      {"prompt": "2+2=", "chosen": "4", "rejected": "5"}]
+  unpaired = _write_parquet(tmp_path / "u" / "train.parquet", {
+      "prompt": ["1+1=", "2+2="], "completion": ["2", "5"], "good": [True, False]})
+  cfg = DataConfig(source="unpaired_parquet", path=str(unpaired.parent), data_dir=data_dir,
+                   field_map={"label": "good"})
+  assert cfg.kind == "unpaired"
+  assert [(e["completion"], e["label"]) for e in builders.load_split(cfg, "train")] == [
+      ("2", True), ("5", False)]
+  small = dataclasses.replace(cfg, tokenizer="builtin", max_prompt_len=8, max_completion_len=4)
+  batch = pipeline.make_batch(list(builders.load_split(cfg, "train")), small)
+  assert batch["label"].tolist() == [True, False]
+  _write_parquet(unpaired, {"prompt": ["1+1="], "completion": ["2"], "good": ["yes"]})
+  with pytest.raises(ValueError, match=r"train.parquet row 0: field 'good' must be a bool"):
+    builders.load_split(cfg, "train")

@@ -270,18 +270,32 @@ def _gkd_batch(R=8, P=5, A=4):
               answer_mask=amask)
 
 
+def _kd_rows():
+  """`_gkd_batch`'s rows as packed SFT rows (prompt + answer; loss on the answer)."""
+  b = _gkd_batch()
+  valid = np.concatenate([b["prompt_mask"], b["answer_mask"]], axis=1)
+  return dict(tokens=np.concatenate([b["prompt_tokens"], b["answer_tokens"]], axis=1),
+              segment_ids=valid.astype(np.int32),
+              positions=np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32),
+              loss_mask=np.concatenate([np.zeros_like(b["prompt_mask"]), b["answer_mask"]],
+                                       axis=1).astype(np.int32))
+
+
 def _one_step(mode, shape):
   mesh = _mesh(shape)
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, grad_clip_norm=1.0, eps=1e-4))
   state, sh = create_train_state(CFG, tx, jax.random.key(0), mesh)
   t_sh = param_shardings(TEACHER, mesh)
   tp = jax.device_put(testing.tiny_params(TEACHER, 1), t_sh)
-  if mode == "gkd":
-    d = distill.DistillConfig(mode="gkd", beta=0.3, lmbda=0.5, max_new_tokens=4,
-                              temperature=0.9, logit_chunk=3, vocab_chunk=6)
+  if mode in ("gkd", "kd"):
+    d = (distill.DistillConfig(mode="gkd", beta=0.3, lmbda=0.5, max_new_tokens=4,
+                               temperature=0.9, logit_chunk=3, vocab_chunk=6)
+         if mode == "gkd" else
+         distill.DistillConfig(mode="kd", top_k=5, temperature=0.9, logit_chunk=3,
+                               vocab_chunk=6))
     step = distill.DistillStep(CFG, TEACHER, d, tx, eos_id=EOS, microbatches=2, mesh=mesh)
     fn = distill.jit_distill_step(step, sh, t_sh)
-    batch = sharding.shard_batch(_gkd_batch(), mesh)
+    batch = sharding.shard_batch(_gkd_batch() if mode == "gkd" else _kd_rows(), mesh)
     state, m = fn(state, batch, jax.random.key(5), tp)
   else:
     step = _step(mesh=mesh, tx=tx, coef=1.0, outcome_coef=1.0)
@@ -298,15 +312,17 @@ def _one_step(mode, shape):
   return jax.device_get(state), jax.device_get(m)
 
 
-@pytest.mark.parametrize("mode", ["gkd", "on_policy"])
+@pytest.mark.parametrize("mode", ["kd", "gkd", "on_policy"])
 def test_eight_devices_equal_one(mode):
   s1, m1 = _one_step(mode, (1, 1, 1))
   s8, m8 = _one_step(mode, (2, 2, 2))
   tol = dict(rtol=2e-4, atol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), s1.params, s8.params)
-  keys = (("distill/divergence", "distill/divergence_on_policy", "distill/on_policy_tokens",
-           "train/tokens") if mode == "gkd" else
-          ("distill/reverse_kl", "distill/teacher_logp", "rl/completion_tokens", "loss/policy"))
+  keys = {"kd": ("distill/divergence", "train/tokens"),
+          "gkd": ("distill/divergence", "distill/divergence_on_policy",
+                  "distill/on_policy_tokens", "train/tokens"),
+          "on_policy": ("distill/reverse_kl", "distill/teacher_logp", "rl/completion_tokens",
+                        "loss/policy")}[mode]
   for k in keys:
     assert np.isfinite(m1[k]), k
     np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6, err_msg=k)

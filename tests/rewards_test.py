@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import pathlib
+import sys
 import time
 import types
 from fractions import Fraction
@@ -947,3 +948,88 @@ def test_host_reward_in_graph_large_batch_on_8_cpu_devices():
   s, r_B = total(sharded)
   np.testing.assert_array_equal(np.asarray(r_B), mask.sum(axis=1).astype(np.float32))
   assert float(s) == pytest.approx(float(np.sum(mask.sum(axis=1) ** 2)), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# math_equal's math-verify path (a fake math_verify module stands in for the package).
+# ---------------------------------------------------------------------------
+_FAKE_MATH_VERIFY = '''"""A stand-in for math-verify: 'apple' equals 'banana', nothing else."""
+import os
+
+
+def parse(text):
+  return [text]
+
+
+def verify(gold, pred):
+  with open(os.environ["FAKE_MATH_VERIFY_LOG"], "a") as f:
+    f.write(f"{gold[0]} {pred[0]}\\n")
+  return {gold[0], pred[0]} == {"\\\\boxed{apple}", "\\\\boxed{banana}"}
+'''
+
+
+def _fake_math_verify_module():
+  module = types.ModuleType("math_verify")
+  exec(compile(_FAKE_MATH_VERIFY, "math_verify.py", "exec"), module.__dict__)  # noqa: S102
+  return module
+
+
+def test_math_worker_routes_through_math_verify_in_sys_modules(monkeypatch, tmp_path, capsys):
+  """The worker loop imports math_verify (here a fake in sys.modules) and asks it first;
+  when it does not verify, sympy decides."""
+  import io
+  log = tmp_path / "calls.txt"
+  monkeypatch.setenv("FAKE_MATH_VERIFY_LOG", str(log))
+  monkeypatch.setitem(sys.modules, "math_verify", _fake_math_verify_module())
+  requests = [("apple", "banana"), ("x+x", "2*x"), ("cherry", "banana")]
+  monkeypatch.setattr(sys, "stdin", io.StringIO(
+      "".join(json.dumps({"pred": p, "gold": g}) + "\n" for p, g in requests)))
+  host._worker_main()
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "ready"
+  assert [json.loads(line)["equal"] for line in lines[1:]] == [True, True, False]
+  # Each request went to math_verify.verify(gold, pred) with both sides boxed.
+  assert log.read_text().splitlines() == [r"\boxed{banana} \boxed{apple}",
+                                          r"\boxed{2*x} \boxed{x+x}",
+                                          r"\boxed{banana} \boxed{cherry}"]
+
+
+def test_math_worker_without_math_verify_uses_sympy(monkeypatch, capsys):
+  import io
+  monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify -> ImportError
+  monkeypatch.setattr(sys, "stdin", io.StringIO(
+      json.dumps({"pred": "apple", "gold": "banana"}) + "\n"
+      + json.dumps({"pred": "x+x", "gold": "2*x"}) + "\n"))
+  host._worker_main()
+  lines = capsys.readouterr().out.splitlines()
+  assert [json.loads(line)["equal"] for line in lines[1:]] == [False, True]
+
+
+def test_math_equal_uses_an_installed_math_verify(monkeypatch, tmp_path):
+  """End to end: math_equal's worker process imports an installed math_verify (the fake on
+  PYTHONPATH) and routes symbolic answers through it; without it, sympy alone decides."""
+  package = tmp_path / "site"
+  package.mkdir()
+  (package / "math_verify.py").write_text(_FAKE_MATH_VERIFY)
+  log = tmp_path / "calls.txt"
+  monkeypatch.setenv("FAKE_MATH_VERIFY_LOG", str(log))
+  monkeypatch.setenv("PYTHONPATH", str(package))
+  pool = host._MathWorkerPool()  # fresh workers, started with this environment
+  monkeypatch.setattr(host, "_POOL", pool)
+  try:
+    assert host.math_equal("apple", "banana", timeout_s=30.0) is True
+    assert host.math_equal("x+x", "2*x", timeout_s=30.0) is True     # fake says no: sympy
+    assert host.math_equal("cherry", "banana", timeout_s=30.0) is False
+    assert host.math_equal("7", "7.0") is True                       # numbers: no worker
+  finally:
+    pool.close_all()
+  assert len(log.read_text().splitlines()) == 3
+  monkeypatch.delenv("PYTHONPATH")
+  plain = host._MathWorkerPool()
+  monkeypatch.setattr(host, "_POOL", plain)
+  try:
+    assert host.math_equal("apple", "banana", timeout_s=30.0) is False
+    assert host.math_equal("x+x", "2*x", timeout_s=30.0) is True
+  finally:
+    plain.close_all()
+  assert len(log.read_text().splitlines()) == 3

@@ -20,6 +20,13 @@ changes no global state; build them by class):
                           "preference"  prompt, chosen, rejected
                           "unpaired"    prompt, completion, label (bool)
 
+Parquet sources ("parquet", "preference_parquet", "unpaired_parquet") read a
+split from one file or from shards, read in sorted name order as one split
+(`parquet_files`): a directory of .parquet files, a glob in the file name
+("data/train-*.parquet"), or, under a directory `path`, the files
+"<split>-*.parquet" (the Hugging Face Hub layout
+"train-00000-of-00002.parquet", ...) or a "<split>/" directory.
+
 Hugging Face `datasets` saved to disk (sources "hf_disk",
 "preference_hf_disk", "unpaired_hf_disk") are read with pyarrow alone; the
 `datasets` package is not needed, and nothing is downloaded. Accepted layouts:
@@ -103,6 +110,8 @@ SOURCE_KIND: dict[str, str | None] = {
     "parquet": "prompt",
     "preference_jsonl": "preference",
     "unpaired_jsonl": "unpaired",
+    "preference_parquet": "preference",
+    "unpaired_parquet": "unpaired",
     "hf_disk": "prompt",
     "preference_hf_disk": "preference",
     "unpaired_hf_disk": "unpaired",
@@ -111,8 +120,10 @@ SOURCE_KIND: dict[str, str | None] = {
 # The file format of each local-file source.
 FILE_SOURCES: dict[str, str] = {
     "jsonl": "jsonl", "parquet": "parquet", "preference_jsonl": "jsonl",
-    "unpaired_jsonl": "jsonl", "hf_disk": "arrow", "preference_hf_disk": "arrow",
-    "unpaired_hf_disk": "arrow"}
+    "unpaired_jsonl": "jsonl", "preference_parquet": "parquet", "unpaired_parquet": "parquet",
+    "hf_disk": "arrow", "preference_hf_disk": "arrow", "unpaired_hf_disk": "arrow"}
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_GLOB_CHARS = "*?["
 _SYNTHETIC_TASK = {"arithmetic": "arithmetic", "countdown": "countdown",
                    "preference_arithmetic": "arithmetic"}
 
@@ -442,27 +453,62 @@ def _read_jsonl(path: epath.Path, kind: str,
       yield lineno, map_fields(record, kind, field_map, where)
 
 
+def parquet_files(path: str | os.PathLike[str]) -> list[epath.Path]:
+  """The Parquet files of one split, in read order.
+
+  One file; a directory: its .parquet / .pq files; or a glob in the file name
+  (e.g. "data/train-*.parquet"). Shards are read in sorted name order, so
+  "train-00000-of-00002.parquet" comes before "train-00001-of-00002.parquet".
+
+  Raises:
+    FileNotFoundError: nothing there, or no Parquet file in the directory or
+      matching the glob (the message says what was found).
+  """
+  path = os.fspath(path)
+  root = epath.Path(path)
+  if any(c in root.name for c in _GLOB_CHARS):
+    if any(c in os.fspath(root.parent) for c in _GLOB_CHARS):
+      raise ValueError(f"Parquet path {path!r}: only the file name may hold a wildcard")
+    files = sorted((f for f in root.parent.glob(root.name) if f.is_file()),
+                   key=lambda f: f.name) if root.parent.is_dir() else []
+    if not files:
+      raise FileNotFoundError(f"no Parquet file matches {path!r}")
+    return files
+  if root.is_file():
+    return [root]
+  if root.is_dir():
+    files = sorted((f for f in root.iterdir()
+                    if f.suffix.lower() in _PARQUET_SUFFIXES and f.is_file()),
+                   key=lambda f: f.name)
+    if not files:
+      raise FileNotFoundError(f"directory {path!r} holds no .parquet file (found "
+                              f"{sorted(f.name for f in root.iterdir())[:20]})")
+    return files
+  raise FileNotFoundError(f"no Parquet file or directory at {path!r}")
+
+
 def _read_parquet(path: epath.Path, kind: str,
                   field_map: Mapping[str, str]) -> Iterator[tuple[int, dict[str, Any]]]:
-  """(row index, example) of each row; errors name `path row i`."""
+  """(row index, example) of each row of a split's Parquet files, in order; errors name the row."""
   try:
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError("reading Parquet files needs pyarrow: pip install pyarrow") from e
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  with path.open("rb") as f:
-    try:  # a damaged file fails on open or on any batch: name it
-      parquet = pq.ParquetFile(f)
-      columns = _columns(parquet.schema_arrow.names, kind, field_map, str(path))
-      index = 0
-      for batch in parquet.iter_batches(columns=columns):
-        for record in batch.to_pylist():
-          yield index, map_fields(record, kind, field_map, f"{path} row {index}")
-          index += 1
-    except pa.ArrowException as e:
-      raise ValueError(f"{path} is not a readable Parquet file ({e}): it is damaged or "
-                       "incomplete (an interrupted download or copy?); write or copy it "
-                       "again") from e
+  index = 0
+  for file in parquet_files(path):
+    with file.open("rb") as f:
+      try:  # a damaged file fails on open or on any batch: name it
+        parquet = pq.ParquetFile(f)
+        columns = _columns(parquet.schema_arrow.names, kind, field_map, str(file))
+        for batch in parquet.iter_batches(columns=columns):
+          for record in batch.to_pylist():
+            yield index, map_fields(record, kind, field_map, f"{file} row {index}")
+            index += 1
+      except pa.ArrowException as e:
+        raise ValueError(f"{file} is not a readable Parquet file ({e}): it is damaged or "
+                         "incomplete (an interrupted download or copy?); write or copy it "
+                         "again") from e
 
 
 def _columns(names: Sequence[str], kind: str, field_map: Mapping[str, str],
@@ -567,7 +613,8 @@ class LocalFileConfig(tfds.core.BuilderConfig):
   Attributes:
     kind: "prompt", "preference" or "unpaired" (see the module docstring).
     files: (split, path) pairs, one file per split; for "arrow" a path may
-      also be a saved `datasets.Dataset` directory (see `arrow_files`).
+      also be a saved `datasets.Dataset` directory (see `arrow_files`), for
+      "parquet" a directory of shards or a glob (see `parquet_files`).
     format: "jsonl", "parquet" or "arrow"; empty: from each file's suffix.
     field_map: (ours, theirs) pairs; unmapped fields are read by their own name.
   """
@@ -590,18 +637,23 @@ class LocalFileConfig(tfds.core.BuilderConfig):
           f"LocalFileConfig.format must be one of {FILE_FORMATS} or empty, got {self.format!r}")
     for split, path in self.files:
       file = epath.Path(path)
-      if not (file.is_file() or (file.is_dir() and self._file_format(path) == "arrow")):
+      fmt = self._file_format(path)
+      if fmt == "parquet" and (file.is_dir() or any(c in file.name for c in _GLOB_CHARS)):
+        parquet_files(path)  # shards: at least one must exist
+      elif not (file.is_file() or (file.is_dir() and fmt == "arrow")):
         raise FileNotFoundError(f"LocalFileConfig.files: no file {path!r} for split {split!r}")
-      self._file_format(path)
     if not self.name:
       content = [(split, epath.Path(path).name, self._content_digests(path))
                  for split, path in self.files]
       self.name = f"{self.kind}_{_digest([content, self.field_map, self.format], 8)}"
 
   def _content_digests(self, path: str) -> str | list[str]:
-    """Hash of a split's bytes (of every shard, for a saved dataset directory)."""
-    if self._file_format(path) == "arrow" and epath.Path(path).is_dir():
+    """Hash of a split's bytes (of every shard, with their names, for sharded splits)."""
+    fmt = self._file_format(path)
+    if fmt == "arrow" and epath.Path(path).is_dir():
       return [_file_digest(f) for f in arrow_files(path)]
+    if fmt == "parquet" and not epath.Path(path).is_file():
+      return [(f.name, _file_digest(f)) for f in parquet_files(path)]
     return _file_digest(epath.Path(path))
 
   def _file_format(self, path: str) -> str:
@@ -611,7 +663,7 @@ class LocalFileConfig(tfds.core.BuilderConfig):
     suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
       return "jsonl"
-    if suffix in (".parquet", ".pq"):
+    if suffix in _PARQUET_SUFFIXES:
       return "parquet"
     if suffix == ".arrow" or file.is_dir():
       return "arrow"
@@ -824,13 +876,42 @@ def _arrow_split(path: str, split: str) -> str:
   raise FileNotFoundError(f"path {path!r} does not exist")
 
 
+def _parquet_split(path: str, split: str) -> str:
+  """The Parquet file, shard directory or shard glob of `split` (layouts: module docstring)."""
+  if "{split}" in path:
+    target = path.replace("{split}", split)
+    parquet_files(target)  # raises, naming the path, when nothing is there
+    return target
+  root = epath.Path(path)
+  if any(c in root.name for c in _GLOB_CHARS) or root.is_file():
+    if split != "train":
+      raise ValueError(f"path {path!r} names one file or one glob, which is the 'train' split; "
+                       f"for split {split!r} use a path with '{{split}}' or a directory holding "
+                       f"'{split}.parquet', '{split}-*.parquet' shards or '{split}/'")
+    parquet_files(path)
+    return path
+  if not root.is_dir():
+    raise FileNotFoundError(f"path {path!r} does not exist")
+  for suffix in _PARQUET_SUFFIXES:
+    if (root / f"{split}{suffix}").is_file():
+      return os.fspath(root / f"{split}{suffix}")
+  shards = os.fspath(root / f"{split}-*.parquet")
+  if any(root.glob(f"{split}-*.parquet")):
+    return shards
+  if (root / split).is_dir():
+    return os.fspath(root / split)
+  raise FileNotFoundError(f"directory {path!r} holds no Parquet data for split {split!r}; looked "
+                          f"for '{split}.parquet', '{split}.pq', '{split}-*.parquet' shards and "
+                          f"a '{split}/' directory of shards")
+
+
 def _local_files(spec: Any, split: str) -> tuple[tuple[str, str], ...]:
   """The (split, file) pair of a local-file spec.
 
   `spec.path` may contain "{split}", name a directory holding
   "<split>.jsonl" / "<split>.parquet", or name one file, which is the "train"
   split. Arrow sources ("hf_disk", ...) also take saved `datasets`
-  directories (see the module docstring).
+  directories, Parquet sources sharded splits (see the module docstring).
   """
   path = spec.path
   if not path:
@@ -839,6 +920,8 @@ def _local_files(spec: Any, split: str) -> tuple[tuple[str, str], ...]:
   fmt = FILE_SOURCES[spec.source]
   if fmt == "arrow":
     return ((split, _arrow_split(path, split)),)
+  if fmt == "parquet":
+    return ((split, _parquet_split(path, split)),)
   if "{split}" in path:
     file = epath.Path(path.replace("{split}", split))
     if not file.is_file():
@@ -846,7 +929,7 @@ def _local_files(spec: Any, split: str) -> tuple[tuple[str, str], ...]:
     return ((split, os.fspath(file)),)
   root = epath.Path(path)
   if root.is_dir():
-    suffixes = (".jsonl", ".json", ".ndjson") if fmt == "jsonl" else (".parquet", ".pq")
+    suffixes = (".jsonl", ".json", ".ndjson")
     for suffix in suffixes:
       file = root / f"{split}{suffix}"
       if file.is_file():

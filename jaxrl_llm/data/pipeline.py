@@ -130,13 +130,16 @@ class DataConfig:
   are stored as tuples of pairs (sorted, for `task_options`).
   """
   # One of SOURCES: "arithmetic" | "countdown" | "preference_arithmetic" (built
-  # here), "jsonl" | "parquet" | "preference_jsonl" | "unpaired_jsonl" (local
+  # here), "jsonl" | "parquet" | "preference_jsonl" | "unpaired_jsonl" |
+  # "preference_parquet" | "unpaired_parquet" (local
   # files), "hf_disk" | "preference_hf_disk" | "unpaired_hf_disk" (a HF
   # `datasets` save_to_disk directory or .arrow files, read with pyarrow),
   # "tfds" (a prepared TFDS dataset).
   source: str = "arithmetic"
   # Local files: a file (the "train" split), a directory holding
   # "<split>.jsonl" / "<split>.parquet", or a pattern containing "{split}";
+  # Parquet splits may be sharded: a directory of shards, a glob in the file
+  # name, or "<split>-*.parquet" shards in the directory (builders.parquet_files);
   # hf_disk: a DatasetDict directory (split s in <path>/s), a saved Dataset
   # (the "train" split), or a pattern containing "{split}".
   path: str | None = None

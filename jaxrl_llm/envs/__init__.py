@@ -25,10 +25,11 @@ from jaxrl_llm.envs.tools import (
                                   ToolCallError,
                                   ToolEnv,
                                   format_tool_call,
+                                  make_tool_env,
                                   parse_tool_calls,
 )
 
 __all__ = ["Calculator", "CalculatorEnv", "EnvStep", "HostEnv", "HostEnvAdapter", "InGraphEnv",
            "MultiTurnConfig", "PythonTool", "Retriever", "StepResult", "TimeLimitExceeded",
            "ToolCall", "ToolCallError", "ToolEnv", "call_with_time_limit", "format_tool_call",
-           "make_env", "parse_tool_calls"]
+           "make_env", "make_tool_env", "parse_tool_calls"]

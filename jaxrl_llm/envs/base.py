@@ -139,7 +139,11 @@ def call_with_time_limit(fn: Callable[..., Any], *args, timeout_s: float) -> Any
 # Observation templates: the text appended after a model turn. "{observation}"
 # is replaced by the environment's text. The model turn ends on its stop token
 # (e.g. <|im_end|>), so the template opens the next message and then the
-# assistant's turn again.
+# assistant's turn again: "qwen" is Qwen2.5's rendering of a tool message (a user
+# turn holding <tool_response>), "chatml" a message of role "tool".
+# With these templates <|im_end|> is usually the tokenizer's EOS, and a turn that
+# ends on EOS ends the trajectory unless rl.multiturn.eos_ends=False
+# (TurnSpec.eos_ends): set it False, or no observation is ever appended.
 OBSERVATION_TEMPLATES = {
     "plain": "{observation}",
     "qwen": ("\n<|im_start|>user\n<tool_response>\n{observation}\n</tool_response><|im_end|>\n"

@@ -8,6 +8,17 @@ after every turn but the last. The reward of a trajectory is
   reward_B = outcome_weight · reward_fn(final model turn) + turn_reward_weight · Σ_t r_t
 
 with r_t the environment's reward for turn t. Only model tokens enter the loss.
+
+Environments (`env`):
+
+  calculator  in-graph (`jaxrl_llm.envs.calculator`): runs in the one-jit step,
+              split mode and the asynchronous actor–learner run.
+  tool        a host `ToolEnv` per trajectory behind a `HostEnvAdapter`
+              (`jaxrl_llm.envs.tools.make_tool_env`): needs trainer.split_mode=True
+              and trainer.actor_devices=0. env_options: tools (names from
+              `tools.TOOL_NAMES`), corpus (a local file for "retrieval"), obs_len,
+              timeout_s, tool_timeout_s, template, max_calls_per_turn,
+              done_on_error, error_reward, python_network.
 """
 
 from __future__ import annotations
@@ -15,9 +26,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-ENVS = ("calculator",)
+ENVS = ("calculator", "tool")
+HOST_ENVS = ("tool",)  # Python environments between compiled turns (split mode only)
 # Observation tokens per turn of each environment when env_options sets no obs_len.
-DEFAULT_OBS_LEN = {"calculator": 10}
+DEFAULT_OBS_LEN = {"calculator": 10, "tool": 64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +37,16 @@ class MultiTurnConfig:
   enabled: bool = False
   max_turns: int = 2            # T: model turns per trajectory
   turn_tokens: int = 0          # tokens per model turn; 0: rl.max_new_tokens
-  env: str = "calculator"       # an in-graph environment of `jaxrl_llm.envs.make_env`
+  env: str = "calculator"       # one of ENVS (see the module docstring)
   # (key, value) options of the environment, e.g. (("obs_len", 8),)
   env_options: tuple[tuple[str, Any], ...] = ()
   outcome_weight: float = 1.0   # weight of reward.components scored on the final model turn
   turn_reward_weight: float = 1.0  # weight of the environment's summed per-turn rewards
-  eos_ends: bool = True         # a turn ending on EOS ends the trajectory
+  # A turn ending on EOS ends the trajectory. Set False for chat models whose turns end
+  # on the tokenizer's EOS (Qwen / Hermes / ChatML: <|im_end|>), or no observation is
+  # ever appended; the environment's done (ToolEnv: a turn without a tool call) or
+  # max_turns then ends the trajectory.
+  eos_ends: bool = True
 
   def __post_init__(self):
     def check(cond, field, msg):

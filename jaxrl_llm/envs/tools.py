@@ -406,3 +406,76 @@ class ToolEnv:
       errors += 1
     return StepResult("\n".join(lines), 0.0, False,
                       {"tool_calls": float(len(calls)), "tool_errors": float(errors)})
+
+
+# ---------------------------------------------------------------------------
+# From a config: rl.multiturn.env = "tool".
+# ---------------------------------------------------------------------------
+TOOL_NAMES = ("calculator", "python", "retrieval")
+
+
+def read_corpus(path: str) -> list[str]:
+  """The documents of a local corpus file: the "text" field of each line of a .jsonl
+  file, else each non-empty line."""
+  with open(path, encoding="utf-8") as f:
+    lines = [line.strip() for line in f if line.strip()]
+  if str(path).endswith(".jsonl"):
+    docs = []
+    for i, line in enumerate(lines):
+      row = json.loads(line)
+      if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise ValueError(f"{path}:{i + 1}: each line of a .jsonl corpus must be an object "
+                         'with a "text" string')
+      docs.append(row["text"])
+    return docs
+  return lines
+
+
+def build_tools(names, *, corpus: Optional[str] = None, python_network: str = "isolated",
+                tool_timeout_s: float = 5.0, top_k: int = 3) -> dict[str, Callable[..., str]]:
+  """{name: tool} for tool names of `TOOL_NAMES` (a sequence or "a,b"); the model calls
+  each by that name: calculator(expression), python(code), retrieval(query)."""
+  if isinstance(names, str):
+    names = [n.strip() for n in names.split(",") if n.strip()]
+  names = tuple(names)
+  unknown = [n for n in names if n not in TOOL_NAMES]
+  if not names or unknown:
+    raise ValueError(f"rl.multiturn.env_options tools={names!r}: name one or more of "
+                     f"{TOOL_NAMES}")
+  tools: dict[str, Callable[..., str]] = {}
+  for name in names:
+    if name == "calculator":
+      tools[name] = Calculator()
+    elif name == "python":
+      tools[name] = PythonTool(timeout_s=tool_timeout_s, network=python_network)
+    else:
+      if not corpus:
+        raise ValueError("tool 'retrieval' needs a local corpus: set rl.multiturn.env_options "
+                         "corpus='/path/to/docs.txt' (one document per line, or .jsonl with "
+                         "a \"text\" field)")
+      tools[name] = Retriever(read_corpus(corpus), top_k=top_k)
+  return tools
+
+
+def make_tool_env(tokenizer, examples: Sequence[Mapping], *, tools=("calculator",),
+                  corpus: Optional[str] = None, obs_len: int = 64, timeout_s: float = 10.0,
+                  tool_timeout_s: float = 5.0, template: str = "plain",
+                  max_calls_per_turn: int = 4, done_on_error: bool = False,
+                  error_reward: float = 0.0, python_network: str = "isolated", top_k: int = 3):
+  """A `HostEnvAdapter` running one `ToolEnv` per trajectory (rl.multiturn.env="tool").
+
+  The tools are built once and shared by every row's ToolEnv (they keep no
+  per-trajectory state). A turn without a tool call ends the trajectory (its
+  reward then comes from reward.components on the final turn); tool_calls and
+  tool_errors are counted per row with the adapter's env_errors, env_timeouts
+  and obs_truncated. timeout_s bounds each environment call (all of a turn's
+  tool calls), tool_timeout_s each tool call.
+  """
+  from jaxrl_llm.envs.base import HostEnvAdapter
+  built = build_tools(tools, corpus=corpus, python_network=python_network,
+                      tool_timeout_s=tool_timeout_s, top_k=top_k)
+  return HostEnvAdapter(
+      lambda: ToolEnv(built, timeout_s=tool_timeout_s, max_calls_per_turn=max_calls_per_turn),
+      tokenizer, examples, obs_len=obs_len, timeout_s=timeout_s, template=template,
+      done_on_error=done_on_error, error_reward=error_reward,
+      info_keys=("tool_calls", "tool_errors"))

@@ -410,11 +410,17 @@ _DAMAGED = ("it is damaged or incomplete (an interrupted download or copy?): dow
 
 
 def _read_json(path: Path) -> dict:
+  """The JSON object in `path`; damaged JSON, or JSON that is not an object, raises a
+  ValueError naming the file."""
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      obj = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON ({e}); {_DAMAGED}") from e
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object of fields; "
+                     f"{_DAMAGED}")
+  return obj
 
 
 @contextlib.contextmanager

@@ -34,10 +34,10 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxrl_llm import lora as lora_lib
+from jaxrl_llm.models import hf
 from jaxrl_llm.models.config import ModelConfig
 
 PathLike = Union[str, os.PathLike]
@@ -50,6 +50,9 @@ PREFIX = "base_model.model.model.layers."
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
            "down": "mlp.down_proj"}
+REQUIRED_KEYS = ("r", "lora_alpha", "target_modules")
+_RESAVE = ("re-save the adapter (PEFT's save_pretrained, or jaxrl_llm.models.peft.save_peft), "
+           "or copy the adapter directory again")
 
 
 def _hf_pair(a: np.ndarray, b: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,9 +122,12 @@ def read_adapter_config(path: PathLike) -> lora_lib.LoraConfig:
   file = Path(path) / ADAPTER_CONFIG_NAME
   if not file.is_file():
     raise FileNotFoundError(f"{file} not found: {path} is not a PEFT adapter directory")
-  with open(file, encoding="utf-8") as f:
-    c = json.load(f)
+  c = hf._read_json(file)
   where = f"PEFT adapter {path}"
+  missing = [k for k in REQUIRED_KEYS if c.get(k) is None]
+  if missing:
+    raise ValueError(f"{file} has no {missing[0]!r} (a LoRA adapter config needs "
+                     f"{list(REQUIRED_KEYS)}; missing: {missing}): {_RESAVE}")
   if c.get("peft_type", "LORA") != "LORA":
     raise ValueError(f"{where}: peft_type={c.get('peft_type')!r}; only LORA adapters load")
   unsupported = {
@@ -144,14 +150,24 @@ def read_adapter_config(path: PathLike) -> lora_lib.LoraConfig:
   if unknown or not targets:
     raise ValueError(f"{where}: target_modules={c.get('target_modules')!r}; name modules "
                      f"among {sorted(names)}")
-  r = int(c["r"])
-  alpha = float(c["lora_alpha"])
+  r, alpha = _number(c, "r", file), _number(c, "lora_alpha", file)
+  if r != int(r) or r < 1:
+    raise ValueError(f"{file}: r={c['r']!r} must be a whole number >= 1 (the adapter rank)")
+  r = int(r)
   if c.get("use_rslora"):
     alpha = alpha * math.sqrt(r)  # s = lora_alpha / √r = alpha / r
   order = list(MODULES)
   return lora_lib.LoraConfig(rank=r, alpha=alpha, dropout=float(c.get("lora_dropout", 0.0)),
                              target_modules=tuple(sorted((names[t] for t in targets),
                                                          key=order.index)))
+
+
+def _number(c: dict, key: str, file: Path) -> float:
+  """c[key] as a finite float; anything else names the key and file."""
+  value = c[key]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ValueError(f"{file}: {key}={value!r} must be a finite number; {_RESAVE}")
+  return float(value)
 
 
 def load_peft(cfg: ModelConfig, params: Params, path: PathLike,
@@ -173,7 +189,7 @@ def load_peft(cfg: ModelConfig, params: Params, path: PathLike,
   layers = dict(params["layers"])
   L = cfg.num_layers
   found: set[str] = set()
-  with safe_open(str(file), framework="numpy") as f:
+  with hf._safe_open(file) as f:
     stored = {}
     for key in f.keys():
       tail = key[key.index("layers."):] if "layers." in key else key

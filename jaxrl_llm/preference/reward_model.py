@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrl_llm import sharding
+from jaxrl_llm import config_checks, sharding
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.preference import rm_losses
@@ -174,6 +174,9 @@ def reward_model_fn(cfg: ModelConfig, num_heads: int, aggregation: str = "mean",
     K = rm_params["head"].shape[-1]
     if K != num_heads:
       raise ValueError(f"reward_model_fn was built for {num_heads} heads but rm_params has {K}")
+    config_checks.require_positions(
+        inputs.prompt_tokens_BP.shape[1] + inputs.completion_BL.shape[1],
+        cfg.max_position_embeddings, "the reward model (reward.reward_model_path)")
     scores_KB = reward_scores(cfg, rm_params, inputs.prompt_tokens_BP, inputs.prompt_mask_BP,
                               inputs.completion_BL, inputs.completion_mask_BL)
     comps = {"rm_mean": jnp.mean(scores_KB, axis=0), "rm_std": jnp.std(scores_KB, axis=0)}
@@ -204,7 +207,8 @@ class RestoredRewardModel:
 
 def restore_reward_model(workdir: str, *, mesh: Mesh, model_config_fn: Callable,
                          rules=sharding.DEFAULT_RULES,
-                         tokenizer: Optional[str] = None) -> RestoredRewardModel:
+                         tokenizer: Optional[str] = None, run_config=None
+                         ) -> RestoredRewardModel:
   """Reads the reward model of a kind="reward_model" run from its workdir.
 
   The latest checkpoint's config snapshot gives the model section, the
@@ -214,6 +218,10 @@ def restore_reward_model(workdir: str, *, mesh: Mesh, model_config_fn: Callable,
   `config.ModelSpec` into a model config (the trainer's `model_config`).
   `tokenizer`, when given, must be the run's `data.tokenizer`: the RM reads
   the policy's token ids, so both must come from one tokenizer.
+  `run_config`, when given, is the run's `ExperimentConfig`: the RM scores its
+  rollouts, so its max_position_embeddings must cover their prompt +
+  generation length (`config.sequence_budgets`); checked before the params
+  are read.
   """
   from jaxrl_llm import config as config_lib
   from jaxrl_llm.checkpoint import finished_run
@@ -235,6 +243,9 @@ def restore_reward_model(workdir: str, *, mesh: Mesh, model_config_fn: Callable,
                        f"uses {tokenizer!r}: the reward model reads the policy's token ids, so "
                        "both runs need the same tokenizer")
     model = model_config_fn(spec)
+    if run_config is not None:
+      config_checks.check_secondary_model_lengths(run_config, model.max_position_embeddings,
+                                                  f"the {where}")
     shardings = reward_model_shardings(model, mesh, rm.num_heads, rules)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             reward_model_shapes(model, rm.num_heads), shardings)

@@ -40,6 +40,19 @@ mesh of the learner's shape; k = 1 is reproducible; a kill with a rollout in
 flight and a resume consume the prompts of an uninterrupted run. User docs:
 docs/async.md.
 
+Host-scored rewards (`host_reward`, e.g. the `math` / `countdown`
+components through `rewards.registry.host_scorer`): the actor then samples
+only, and each rollout is fetched and scored on the host by one background
+thread as soon as the actor has finished it (in dispatch order, so the
+rewards do not depend on timing); the learner step that consumes rollout s
+waits for its rewards only. A host scorer is a pure function of the rollout,
+so a run with k ≥ 1 stays reproducible and scores exactly what the in-graph
+version of the same component would (tested with "correct").
+
+Multi-turn rollouts (`rl.multiturn`, `jaxrl_llm.rl.multiturn.MultiTurnRLStep`)
+run on the actor like single-turn ones when the environment is in-graph; a
+host environment needs the split rollout and is refused here.
+
 Off-policy corrections for the lagged data (TIS / MIS, V-trace, ReMix) are
 `rl.off_policy` (`jaxrl_llm.rl.off_policy`), applied inside the learner's loss.
 Metrics added per step: "async/staleness" (s − v(s)) and "async/in_flight".
@@ -48,6 +61,7 @@ Metrics added per step: "async/staleness" (s − v(s)) and "async/in_flight".
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -148,9 +162,17 @@ class ActorLearner:
 
   def __init__(self, step: RLStep, actor_mesh, learner_mesh, state_shardings,
                pipeline: PromptPipeline, num_steps: int, *, lag: int, reincarnate_step: int = 0,
-               ref_params=None, reward_params=None):
+               ref_params=None, reward_params=None, host_reward: Optional[Callable] = None):
     if lag < 0:
       raise ValueError(f"rl.async_lag={lag}: must be >= 0")
+    if host_reward is not None and step.rl.advantage == "remax":
+      raise ValueError("rl.advantage='remax' scores a greedy baseline in-graph, which host-"
+                       "scored rewards do not do: use grpo, dr_grpo or rloo, or in-graph "
+                       "reward components")
+    self.host_reward = host_reward
+    # One worker: rollouts are scored one at a time, in the order they were dispatched.
+    self._scorer = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="host_reward")
+                    if host_reward is not None else None)
     self.actor_step = dataclasses.replace(step, mesh=actor_mesh)
     self.learner_step = dataclasses.replace(step, mesh=learner_mesh)
     self.actor_mesh, self.learner_mesh = actor_mesh, learner_mesh
@@ -177,8 +199,16 @@ class ActorLearner:
     with sharding.activation_rules(st.mesh, st.rules):
       rollout_rng, _ = jax.random.split(jax.random.fold_in(rng, step_idx))
       ro = st.rollout(params, batch, rollout_rng, step_idx)
+      if self.host_reward is not None:  # scored on the host (`_score_on_host`)
+        return ro
       rewards_B, comps, baseline_B = st.score(ro, reward_params)
       return ro, rewards_B, comps, baseline_B
+
+  def _score_on_host(self, ro):
+    """REWARD on the host: fetch the rollout (waits for the actor) and score it."""
+    rewards_B, comps = self.host_reward(sharding.to_host(ro))
+    comps = {k: np.asarray(v) for k, v in comps.items()}
+    return ro, np.asarray(rewards_B, np.float32), comps, None
 
   def _learner_fn(self, state, rollout, rng, ref_params):
     """Everything after REWARD on the learner mesh, with the one-jit step's update key."""
@@ -217,12 +247,17 @@ class ActorLearner:
           actor_params = jax.device_put(state.params, self.actor_params_sharding)
         b = batch if j == s else sharding.shard_batch(self.pipeline.peek(j - s - 1),
                                                       self.actor_mesh, self.actor_step.rules)
-        self._pending[j] = (s, self._act(actor_params, b, rng, jnp.asarray(j, jnp.int32),
-                                         self.reward_params))
+        rollout = self._act(actor_params, b, rng, jnp.asarray(j, jnp.int32),
+                            self.reward_params)
+        if self._scorer is not None:
+          rollout = self._scorer.submit(self._score_on_host, rollout)
+        self._pending[j] = (s, rollout)
       j += 1
     if self.reincarnate_step and s == self.reincarnate_step:
       state = self._reincarnate(state)   # ReMix: the reference becomes the current policy
     version, rollout = self._pending.pop(s)
+    if self._scorer is not None:
+      rollout = rollout.result()  # the host's rewards of rollout s (raises what the scorer did)
     rollout = self._to_learner(rollout)
     if self.consume_hook is not None:
       ids = np.asarray(jax.device_get(rollout[0]["prompt_id"]))
@@ -235,32 +270,68 @@ class ActorLearner:
     return state, metrics
 
 
-def run_rl_async(cfg, workdir: str) -> dict[str, float]:
-  """`trainer.run_rl` with trainer.actor_devices > 0: the asynchronous actor–learner run."""
-  from jaxrl_llm import trainer as trainer_lib  # the loop, model and data set-up
-  from jaxrl_llm.rewards import registry
-  from jaxrl_llm.rl import rl_step as rl_lib
+def check_async_config(cfg) -> None:
+  """What the actor–learner run cannot do, refused with the field and the fix."""
   rl = cfg.rl
-  host = [n for n, _ in cfg.reward.components if n in trainer_lib.HOST_COMPONENTS]
-  if host:
-    raise ValueError(f"reward components {host} are scored on the host, which the actor–"
-                     "learner run does not do: set trainer.actor_devices=0 (synchronous, with "
-                     "trainer.split_mode=True) or use in-graph reward components")
+  if rl.multiturn.enabled:
+    from jaxrl_llm.envs.config import HOST_ENVS
+    if rl.multiturn.env in HOST_ENVS:
+      raise ValueError(
+          f"rl.multiturn.env={rl.multiturn.env!r} is a host environment, which runs between "
+          f"compiled turns (split mode), not inside the actor's jit: with rl.multiturn.enabled "
+          f"set trainer.actor_devices=0 (and trainer.split_mode=True), or use an in-graph "
+          f"environment (trainer.actor_devices={cfg.trainer.actor_devices})")
   if rl.length_shaping == "hapo" and rl.hapo_num_prompts < cfg.data.num_train:
     raise ValueError(f"rl.hapo_num_prompts={rl.hapo_num_prompts} must cover every training "
                      f"prompt id (data.num_train={cfg.data.num_train})")
+
+
+def build_host_reward(cfg, tokenizer, examples) -> Optional[Callable]:
+  """The host scorer of the run's reward components when one of them is scored on
+  the host (`rewards.registry.HOST_COMPONENTS`), else None (the actor scores in-graph).
+
+  Multi-turn: the components score the final model turn, combined with the
+  environment's turn rewards (`multiturn.combine_host_reward`).
+  """
+  from jaxrl_llm.rewards import registry
+  if not any(n in registry.HOST_COMPONENTS for n, _ in cfg.reward.components):
+    return None
+  scorer = registry.host_scorer(cfg.reward.components, tokenizer, examples,
+                                math_last_number_fallback=cfg.reward.math_last_number_fallback)
+  if cfg.rl.multiturn.enabled:
+    from jaxrl_llm.rl import multiturn as multiturn_lib
+    return multiturn_lib.combine_host_reward(
+        cfg.rl.multiturn, multiturn_lib.final_turn_host_reward(scorer))
+  return scorer
+
+
+def run_rl_async(cfg, workdir: str) -> dict[str, float]:
+  """`trainer.run_rl` with trainer.actor_devices > 0: the asynchronous actor–learner run."""
+  from jaxrl_llm import trainer as trainer_lib  # the loop, model and data set-up
+  from jaxrl_llm.data.builders import load_split
+  from jaxrl_llm.rewards import registry
+  from jaxrl_llm.rl import rl_step as rl_lib
+  rl = cfg.rl
+  check_async_config(cfg)
   actor_devices, learner_devices = split_devices(cfg.trainer.actor_devices)
   actor_mesh = sharding.make_mesh(cfg.mesh, actor_devices)
   learner_mesh = sharding.make_mesh(cfg.mesh, learner_devices)
   check_batch(cfg.data.batch_size, actor_mesh, learner_mesh, cfg.mesh.rules)
   mesh, tok, model_cfg, tx, state, sh, it, evaluate = trainer_lib._common(  # noqa: SLF001
       cfg, workdir, "rl", extra_fn=lambda: rl_lib.init_rl_extra(rl), devices=learner_devices)
+  host_needed = any(n in registry.HOST_COMPONENTS for n, _ in cfg.reward.components)
+  examples = list(load_split(cfg.data, "train", workdir=workdir)) if host_needed else None
+  host_reward = build_host_reward(cfg, tok, examples)
   rm = trainer_lib.restore_reward_model(cfg, tok, actor_mesh)
-  reward_fn = registry.build_reward_fn(
+  reward_fn = None if host_reward is not None else registry.build_reward_fn(
       cfg.reward.components, tok, reward_model=None if rm is None else rm.reward_fn(),
       math_last_number_fallback=cfg.reward.math_last_number_fallback)
-  step = rl_lib.RLStep(model_cfg, rl, tx, reward_fn, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                       mesh=mesh, rules=cfg.mesh.rules, skip_nonfinite=True)
+  if rl.multiturn.enabled:  # an in-graph environment between the actor's turns
+    from jaxrl_llm.rl import multiturn as multiturn_lib
+    step = multiturn_lib.build_step(cfg, model_cfg, tx, reward_fn, tok, mesh)
+  else:
+    step = rl_lib.RLStep(model_cfg, rl, tx, reward_fn, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                         mesh=mesh, rules=cfg.mesh.rules, skip_nonfinite=True)
   ref_params = None
   reincarnate = rl.off_policy.remix_reincarnate_step
   if reincarnate:  # the reference lives in the state (checkpointed: it changes mid-run)
@@ -271,11 +342,14 @@ def run_rl_async(cfg, workdir: str) -> dict[str, float]:
   actor_learner = ActorLearner(step, actor_mesh, mesh, sh, pipeline, cfg.trainer.num_steps,
                                lag=rl.async_lag, reincarnate_step=reincarnate,
                                ref_params=ref_params,
-                               reward_params=None if rm is None else rm.params)
+                               reward_params=None if rm is None else rm.params,
+                               host_reward=host_reward)
   trainer_lib.say(f"actor–learner: actor mesh {dict(actor_mesh.shape)} on "
                   f"{len(actor_devices)} devices, learner mesh {dict(mesh.shape)} on "
                   f"{len(learner_devices)}, lag {rl.async_lag}, correction "
-                  f"{rl.off_policy.correction!r}")
+                  f"{rl.off_policy.correction!r}, rewards "
+                  f"{'on the host' if host_reward is not None else 'in-graph'}"
+                  f"{', multi-turn' if rl.multiturn.enabled else ''}")
   return trainer_lib._loop(trainer_lib.Run(  # noqa: SLF001
       cfg, workdir, actor_mesh, model_cfg, tok, tx, state, sh, pipeline, actor_learner,
       "rl/completion_tokens", evaluate))

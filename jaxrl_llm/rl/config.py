@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from jaxrl_llm import config_checks
 from jaxrl_llm.envs.config import MultiTurnConfig
 from jaxrl_llm.rl import advantages, policy_losses, registry
 from jaxrl_llm.rl import anchor as anchor_lib
@@ -137,6 +138,9 @@ class RLConfig:
     def check(cond, field, msg):
       if not cond:
         raise ValueError(f"RLConfig.{field}={getattr(self, field)!r}: {msg}")
+    # The options of registered estimators and losses are theirs to bound (an inf clip
+    # bound may mean "no clip"); NaN is refused there too.
+    config_checks.require_finite(self, "rl", allow_inf=("advantage_kwargs", "loss_kwargs"))
     check(self.group_size >= 1, "group_size", "must be >= 1")
     check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     check(self.temperature > 0, "temperature", "must be > 0")

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxrl_llm import lora, optim, sharding, tree_paths
+from jaxrl_llm import config_checks, lora, optim, sharding, tree_paths
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 
@@ -258,6 +258,8 @@ def token_values(critic_model: ModelConfig, critic_params, policy_params, rows) 
       trunk = lora.with_adapters(trunk, critic_params["adapters"])
   P = rows["prompt_tokens"].shape[1]
   L = rows["completion"].shape[1]
+  config_checks.require_positions(P + L, critic_model.max_position_embeddings,
+                                  "the critic (value model)")
   tokens = jnp.concatenate([rows["prompt_tokens"], rows["completion"]], axis=1)
   segments = jnp.concatenate([(rows["prompt_mask"] != 0).astype(jnp.int32),
                               (rows["completion_mask"] != 0).astype(jnp.int32)], axis=1)
@@ -334,16 +336,18 @@ def whiten(x_BL: jax.Array, mask_BL: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 def hf_value_model_config(path: str, *, dtype: str, param_dtype: str, remat: str,
                           attention_impl: str) -> ModelConfig:
-  """The decoder config of a local HF checkpoint (its config.json) with the run's numerics."""
-  import json
+  """The decoder config of a local HF checkpoint (its config.json) with the run's numerics.
 
-  from jaxrl_llm import fileio
+  A damaged config.json raises a ValueError naming the file.
+  """
+  from pathlib import Path
+
   from jaxrl_llm.models import hf
-  config_file = fileio.join(path, "config.json")
-  if not fileio.exists(config_file):
+  config_file = Path(path) / hf.CONFIG_NAME
+  if not config_file.is_file():
     raise FileNotFoundError(f"rl.critic.hf_path={path!r} has no config.json: point it at a "
                             "local HF checkpoint directory (config.json + *.safetensors)")
-  return hf.config_from_hf(json.loads(fileio.read_text(config_file))).replace(
+  return hf.config_from_hf(hf._read_json(config_file)).replace(
       dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl)
 
 
@@ -359,11 +363,15 @@ def value_model_config(critic: CriticConfig, policy: ModelConfig) -> ModelConfig
 
 def load_hf_value_model(path: str, *, dtype: str, param_dtype: str, remat: str,
                         attention_impl: str, vocab_size: int, mesh: Mesh,
-                        rules=sharding.DEFAULT_RULES) -> tuple[ModelConfig, Any]:
+                        rules=sharding.DEFAULT_RULES, run_config=None
+                        ) -> tuple[ModelConfig, Any]:
   """(config, trunk params) of a value model read from a local HF checkpoint.
 
   The critic reads the policy's token ids, so its vocabulary must cover the
-  policy tokenizer's `vocab_size`. The params are placed in their shards.
+  policy tokenizer's `vocab_size`; it scores the run's rollouts, so with
+  `run_config` (the run's `ExperimentConfig`) its max_position_embeddings
+  must cover their prompt + generation length (`config.sequence_budgets`),
+  checked before any weight is read. The params are placed in their shards.
   """
   from jaxrl_llm.models import hf
   from jaxrl_llm.train_state import param_shardings
@@ -373,6 +381,9 @@ def load_hf_value_model(path: str, *, dtype: str, param_dtype: str, remat: str,
     raise ValueError(f"rl.critic.hf_path={path!r} has a vocabulary of {cfg.vocab_size} tokens, "
                      f"fewer than the policy tokenizer's {vocab_size}: the critic reads the "
                      "policy's token ids, so it needs a checkpoint of the same tokenizer")
+  if run_config is not None:
+    config_checks.check_secondary_model_lengths(
+        run_config, cfg.max_position_embeddings, f"the critic rl.critic.hf_path={path!r}")
   _, params = hf.load_hf(path, dtype=dtype, param_dtype=param_dtype,
                          shardings=param_shardings(cfg, mesh, rules))
   return cfg, params

@@ -55,8 +55,9 @@ turns, L tokens per turn, O observation tokens, C completion columns, V vocab.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +88,10 @@ class TurnSpec:
   top_k: int = 0
   top_p: float = 1.0
   greedy: bool = False
-  eos_ends: bool = True               # a turn ending on EOS ends the trajectory
+  # A turn ending on EOS ends the trajectory. False for chat models whose turns end on
+  # the EOS (<|im_end|> in Qwen / Hermes / ChatML tokenizers): then only the
+  # environment's done or max_turns ends it (see envs.base.OBSERVATION_TEMPLATES).
+  eos_ends: bool = True
   logits_processor: Optional[Callable] = None
   cache_dtype: Optional[str] = None
 
@@ -328,6 +332,12 @@ class MultiTurnRLStep(rls.RLStep):
 
   def rollout(self, params, batch, rng, step) -> dict:
     del step
+    from jaxrl_llm.envs.base import InGraphEnv
+    if not isinstance(self.env, InGraphEnv):
+      raise ValueError(
+          f"the multi-turn environment {type(self.env).__name__} runs on the host between "
+          "compiled turns, not inside one jit: set trainer.split_mode=True "
+          "(make_multiturn_split_step) and trainer.actor_devices=0")
     rl = self.rl
     rows = rls._repeat(dict(batch), rl.group_size)
     shared = rl.rollout_shared_prefix and rl.group_size > 1
@@ -452,6 +462,8 @@ def make_multiturn_split_step(step: MultiTurnRLStep, env=None,
   rollout = make_split_rollout(step.model, spec, env, group_size=rl.group_size if shared else 1,
                                mesh=step.mesh, rules=step.rules)
   score_jit = jax.jit(step.score)
+  combined_host_reward = (None if host_reward is None
+                          else combine_host_reward(rl.multiturn, host_reward))
 
   def learn(state, ro, rewards_B, comps, rng, ref_params):
     with sharding.activation_rules(step.mesh, step.rules):
@@ -467,11 +479,7 @@ def make_multiturn_split_step(step: MultiTurnRLStep, env=None,
                   rows)
     ro = dict(rows, **out)
     if host_reward is not None:
-      outcome_B, comps = host_reward(sharding.to_host(ro))
-      turn_B = jnp.sum(ro["turn_rewards"], axis=1)
-      rewards_B = (rl.multiturn.outcome_weight * jnp.asarray(outcome_B, jnp.float32)
-                   + rl.multiturn.turn_reward_weight * turn_B)
-      comps = dict(comps, env_turn_reward=turn_B)
+      rewards_B, comps = combined_host_reward(sharding.to_host(ro))
     else:
       rewards_B, comps, _ = score_jit(ro)
     comps = {k: jnp.asarray(v, jnp.float32) for k, v in comps.items()}
@@ -485,13 +493,48 @@ def make_multiturn_split_step(step: MultiTurnRLStep, env=None,
 # ---------------------------------------------------------------------------
 # From an experiment config (the launcher's kind="rl" with rl.multiturn.enabled).
 # ---------------------------------------------------------------------------
-def build_step(cfg, model_cfg: ModelConfig, tx, reward_fn, tokenizer, mesh) -> MultiTurnRLStep:
-  """The multi-turn RL step of an `ExperimentConfig` (rl.multiturn.env and its options)."""
+def build_step(cfg, model_cfg: ModelConfig, tx, reward_fn, tokenizer, mesh, *,
+               examples: Optional[Sequence[Mapping]] = None) -> MultiTurnRLStep:
+  """The multi-turn RL step of an `ExperimentConfig` (rl.multiturn.env and its options).
+
+  A host environment (`envs.config.HOST_ENVS`, e.g. "tool") becomes the
+  step's env and runs in split mode only (`make_multiturn_split_step`); each
+  row's environment is reset with its example, looked up by prompt_id in
+  `examples` (the training split). The config's "tool" environment does not
+  read them (the final turn is scored by reward.components), so without
+  `examples` every row's example is {}.
+  """
   from jaxrl_llm.envs.calculator import make_env
+  from jaxrl_llm.envs.config import DEFAULT_OBS_LEN, HOST_ENVS
+  from jaxrl_llm.envs.tools import make_tool_env
   mtc = cfg.rl.multiturn
-  env = make_env(mtc.env, tokenizer, **dict(mtc.env_options))
+  options = dict(mtc.env_options)
+  if mtc.env in HOST_ENVS:
+    if examples is None:
+      examples = collections.defaultdict(dict)  # prompt id -> {}
+    options.setdefault("obs_len", DEFAULT_OBS_LEN[mtc.env])
+    env = make_tool_env(tokenizer, examples, **options)
+  else:
+    env = make_env(mtc.env, tokenizer, **options)
   return MultiTurnRLStep(model_cfg, cfg.rl, tx, reward_fn, eos_id=tokenizer.eos_id,
                          pad_id=tokenizer.pad_id, mesh=mesh, rules=cfg.mesh.rules, env=env)
+
+
+def combine_host_reward(mtc, host_reward: Callable) -> Callable:
+  """A host scorer of whole trajectories from one of their outcome (`MultiTurnRLStep.score`
+  on the host): rollout numpy -> (rewards_B, comps) with
+
+    rewards_B = mtc.outcome_weight · outcome_B + mtc.turn_reward_weight · Σ_t turn_rewards_t
+
+  where host_reward(rollout) -> (outcome_B, comps) and comps gains "env_turn_reward".
+  """
+  def score(ro):
+    outcome_B, comps = host_reward(ro)
+    turn_B = np.sum(np.asarray(ro["turn_rewards"], np.float32), axis=1)
+    rewards_B = (np.float32(mtc.outcome_weight) * np.asarray(outcome_B, np.float32)
+                 + np.float32(mtc.turn_reward_weight) * turn_B)
+    return rewards_B, dict(comps, env_turn_reward=turn_B)
+  return score
 
 
 def final_turn_host_reward(scorer: Callable) -> Callable:
