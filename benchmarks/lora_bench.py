@@ -62,7 +62,8 @@ from jaxrl_llm.train_state import create_train_state
 # Qwen2.5-7B: untied embeddings, GQA 28/4, qkv bias.
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28,
                  num_kv_heads=4, intermediate_size=18944)
-WORKLOADS = {"rollout": ("unmerged", "merged"), "w6": ("lora",), "w1": ("lora", "lora_merged", "full")}
+WORKLOADS = {"rollout": ("unmerged", "merged"), "w6": ("lora",),
+             "w1": ("lora", "lora_merged", "full")}
 
 
 def model_config(size: str, args, rank: int, merged: bool = False) -> ModelConfig:

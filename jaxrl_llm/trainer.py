@@ -23,7 +23,6 @@ from jaxrl_llm import config as config_lib
 from jaxrl_llm import eval as eval_lib
 from jaxrl_llm import fileio, lora, memory, optim, sharding
 from jaxrl_llm.checkpoint import Checkpointer, NonFiniteStateError, PreemptionGuard
-from jaxrl_llm.data import tasks
 from jaxrl_llm.data.builders import load_split
 from jaxrl_llm.data.pipeline import DataIterator
 from jaxrl_llm.metrics import AsyncMetrics, MetricWriter, NonFiniteError, NonFiniteGuard, Progress
@@ -133,16 +132,9 @@ def sft_warmstart_config(cfg: config_lib.ExperimentConfig) -> config_lib.Experim
 
 
 def make_evaluator(cfg: config_lib.ExperimentConfig, model_cfg, tokenizer, mesh, workdir):
-  """The held-out evaluator of a run (`jaxrl_llm.eval.Evaluator`) on the test split."""
-  examples = load_split(cfg.data, "test", workdir=workdir)
-  n = min(len(examples), cfg.eval.num_examples)
-  # Built-in tasks are scored by their own verifier (as the in-graph `correct` reward).
-  task = {"task": cfg.data.source} if cfg.data.source in tasks.TASKS else {}
-  return eval_lib.Evaluator(cfg.eval, cfg.data, model_cfg, tokenizer, mesh,
-                            examples=[dict(examples[i], **task) for i in range(n)],
-                            temperature=cfg.rl.temperature,
-                            last_number_fallback=cfg.reward.math_last_number_fallback,
-                            workdir=workdir, say=_say)
+  """The held-out evaluator of a run (`jaxrl_llm.eval.make_run_evaluator`): the same one
+  `launch/eval.py` builds, scored as the run is rewarded."""
+  return eval_lib.make_run_evaluator(cfg, model_cfg, tokenizer, mesh, workdir, say=_say)
 
 
 def summary_table(before: dict, after: dict, steps: int, kind: str) -> str:
@@ -611,7 +603,8 @@ def restore_reward_model(cfg: config_lib.ExperimentConfig, tokenizer, mesh):
   rm = rm_lib.restore_reward_model(
       cfg.reward.reward_model_path, mesh=mesh, rules=cfg.mesh.rules,
       tokenizer=cfg.data.tokenizer,
-      model_config_fn=lambda spec: model_config(dataclasses.replace(cfg, model=spec), tokenizer))
+      model_config_fn=lambda spec: model_config(dataclasses.replace(cfg, model=spec), tokenizer),
+      run_config=cfg)
   if cfg.reward.reward_model_aggregation:
     rm = dataclasses.replace(rm, aggregation=cfg.reward.reward_model_aggregation)
   _say(f"reward model: {rm.num_heads} head(s) ({rm.aggregation}), "
@@ -702,7 +695,7 @@ def run_distill(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, flo
   teacher = distill_lib.load_teacher(
       d, mesh=mesh, rules=cfg.mesh.rules, tokenizer=tok, tokenizer_name=cfg.data.tokenizer,
       model_config_fn=lambda spec: model_config(dataclasses.replace(cfg, model=spec), tok),
-      seed=cfg.seed, path=teacher_dir, say=_say)
+      seed=cfg.seed, path=teacher_dir, say=_say, run_config=cfg)
   _say(f"teacher: {teacher.model.family}, {teacher.model.num_params() / 1e6:.2f}M params, "
        f"{teacher.description}; distill.mode={d.mode!r}")
   extra_fn = (lambda: rl_lib.init_rl_extra(cfg.rl)) if d.mode == "on_policy" else dict

@@ -203,7 +203,7 @@ def build_ppo_step(cfg, model_cfg: ModelConfig, tx: optax.GradientTransformation
     critic_model, trunk = critic_lib.load_hf_value_model(
         cc.hf_path, dtype=spec.dtype, param_dtype=spec.param_dtype, remat=spec.remat,
         attention_impl=spec.attention_impl, vocab_size=tokenizer.vocab_size, mesh=mesh,
-        rules=cfg.mesh.rules)
+        rules=cfg.mesh.rules, run_config=cfg)
   critic_tx = critic_lib.critic_optimizer(cfg.optim, cc)
   value_model = model_cfg if critic_model is None else critic_model
   state, shardings = critic_lib.add_critic(state, shardings, value_model, critic_tx, mesh,
