@@ -40,6 +40,8 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
                     [trl_grpo_w5]=540 [tunix_grpo_w5]=540)
   for p in $PEERS; do
     case $p in  # <script>_w5: W5 on that script
+      # tunix's train step at 2 prompts x 8 x 1280 tokens needs 59 GiB: 1 prompt per micro-batch
+      tunix_grpo_w5) run "${LIMIT[$p]}" benchmarks.peers.tunix_grpo --ragged --micro 1 --logps_micro 2 ;;
       *_w5) run "${LIMIT[$p]}" "benchmarks.peers.${p%_w5}" --ragged ;;
       *) run "${LIMIT[$p]}" "benchmarks.peers.$p" ;;
     esac
