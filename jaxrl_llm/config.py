@@ -229,9 +229,6 @@ class ExperimentConfig:
                        "differ. Start from a preference-trained policy (trainer.init_from) with "
                        "online.reference_from = the model it started from, or set "
                        "online.dice_length_penalty > 0")
-    if self.kind == "rl" and self.trainer.split_mode and uses_rm:
-      raise ValueError("the 'reward_model' reward runs in the compiled step: set "
-                       "trainer.split_mode=False")
     if self.trainer.actor_devices and (self.kind != "rl" or self.trainer.split_mode
                                        or self.rl.advantage == "gae"):
       raise ValueError(f"trainer.actor_devices={self.trainer.actor_devices} runs the "

@@ -406,16 +406,17 @@ def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
   if rl.needs_reference and model_cfg.lora is None:  # LoRA: the step reads the frozen base
     # The reference is the starting policy: copy it before the state is donated.
     ref_params = jax.tree.map(jnp.copy, state.params)
-  if cfg.trainer.split_mode and rl.multiturn.enabled:
-    split = multiturn_lib.make_multiturn_split_step(
-        step, host_reward=multiturn_lib.final_turn_host_reward(registry.host_scorer(
-            cfg.reward.components, tok, examples,
-            math_last_number_fallback=cfg.reward.math_last_number_fallback)))
-    step_fn = lambda s, b, r: split(s, b, r, ref_params)
-  elif cfg.trainer.split_mode:
-    split = rl_lib.make_split_step(step, host_reward=registry.host_scorer(
+  if cfg.trainer.split_mode:  # rewards on the host between the rollout and the update
+    scorer = registry.host_scorer(
         cfg.reward.components, tok, examples,
-        math_last_number_fallback=cfg.reward.math_last_number_fallback))
+        math_last_number_fallback=cfg.reward.math_last_number_fallback,
+        reward_model=None if rm is None else rm.reward_fn(),
+        reward_params=None if rm is None else rm.params)
+    if rl.multiturn.enabled:
+      split = multiturn_lib.make_multiturn_split_step(
+          step, host_reward=multiturn_lib.final_turn_host_reward(scorer))
+    else:
+      split = rl_lib.make_split_step(step, host_reward=scorer)
     step_fn = lambda s, b, r: split(s, b, r, ref_params)
   else:
     rm_params, rm_sh = (None, None) if rm is None else (rm.params, rm.shardings)

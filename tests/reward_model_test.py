@@ -216,6 +216,12 @@ def test_rl_with_a_reward_model_reward_from_a_config(tmp_path):
                                              abs=1e-5)
     assert r["reward/reward_model"] <= r["reward/rm_mean"] and r["reward/rm_std"] > 0
   assert rows[0]["grad/global_norm"] > 0  # RM scores are continuous: the policy gets a gradient
+  # Split mode (rewards scored between the two compiled halves) trains the same run.
+  c.trainer.split_mode = True
+  split_rows = run_experiment(c, tmp_path / "rl_split")
+  for r, s in zip(rows, split_rows):
+    for key in ("reward/mean", "reward/reward_model", "reward/rm_std", "grad/global_norm"):
+      assert s[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), key
 
   # The restored model: the run's heads and aggregation, its last params, on this mesh.
   mesh = sharding.make_mesh(sharding.MeshConfig())
@@ -256,10 +262,6 @@ def test_reward_model_component_and_model_must_come_together():
   with pytest.raises(ValueError, match="reward_model_path is empty"):
     config_lib.from_configdict(c)
   c.reward.reward_model_path = "/some/rm"
-  c.trainer.split_mode = True
-  with pytest.raises(ValueError, match="split_mode=False"):
-    config_lib.from_configdict(c)
-  c.trainer.split_mode = False
   c.reward.reward_model_aggregation = "median"
   with pytest.raises(ValueError, match="reward_model_aggregation='median'"):
     config_lib.from_configdict(c)
@@ -267,6 +269,33 @@ def test_reward_model_component_and_model_must_come_together():
   c.reward.components = (("correct", 1.0),)
   with pytest.raises(ValueError, match="does not use it"):
     config_lib.from_configdict(c)
+
+
+def test_split_mode_scores_the_reward_model_as_the_one_jit_step():
+  from jaxrl_llm.rewards import registry
+  params = init_fn(2)(jax.random.key(5))
+  exs = preference_examples(tasks.generate("arithmetic", "train", 4, 0, **OPTS), 0)
+  b = pipeline.make_batch(exs, PREF_DATA, tokenizer=TOK)
+  ro = {"prompt_tokens": b["prompt_tokens"], "prompt_mask": b["prompt_mask"],
+        "completion": b["chosen_tokens"], "completion_mask": b["chosen_mask"],
+        "finished": np.asarray([True, False, True, True])}
+  components = (("format", 0.5), ("reward_model", 2.0))
+  rm_fn = rmm.reward_model_fn(CFG, 2)
+  one_jit = registry.build_reward_fn(components, TOK, reward_model=rm_fn)
+  total, comps = jax.jit(one_jit)(registry.rollout_reward_inputs(ro), params)
+  split_total, split_comps = registry.host_scorer(components, TOK, None, reward_model=rm_fn,
+                                                  reward_params=params)(ro)
+  assert list(split_comps)[:2] == ["format", "reward_model"]
+  assert set(split_comps) == set(comps)
+  for name in comps:
+    np.testing.assert_allclose(split_comps[name], comps[name], rtol=1e-6, atol=1e-6,
+                               err_msg=name)
+  np.testing.assert_allclose(split_total, total, rtol=1e-6, atol=1e-6)
+  assert np.ptp(split_comps["reward_model"]) > 0  # the model scores rows differently
+  with pytest.raises(ValueError, match="reward_model_path"):
+    registry.host_scorer(components, TOK, None)
+  with pytest.raises(ValueError, match="does not name 'reward_model'"):
+    registry.host_scorer((("format", 1.0),), TOK, None, reward_model=rm_fn)
 
 
 def test_reward_model_component_adds_its_weighted_score_to_the_verifiers():

@@ -230,7 +230,8 @@ def rollout_reward_inputs(ro: Mapping[str, Any]) -> RewardInputs:
 
 def host_scorer(components: Sequence[tuple[str, float]], tokenizer,
                 examples: Optional[Sequence[Mapping]], *, host_timeout_s: float = 5.0,
-                math_last_number_fallback: bool = False):
+                math_last_number_fallback: bool = False,
+                reward_model: Optional[Callable] = None, reward_params=None):
   """Split-mode rewards: `score(ro) -> (total_B, {name: value_B})` over a fetched rollout dict.
 
   Gives the values of `build_reward_fn` with the same arguments, by the same
@@ -240,12 +241,23 @@ def host_scorer(components: Sequence[tuple[str, float]], tokenizer,
   calls through jax.pure_callback, with each completion's example looked up by
   ``ro["prompt_id"]``. total_B = Σ_k w_k · value_k (float32, component order);
   rewards are float32, the "answer_id" label int32 (equal to the in-graph ids).
+  A "reward_model" component runs `reward_model(inputs, reward_params)` (as
+  in `build_reward_fn`) in the same jitted call as the in-graph components;
+  its extra outputs (e.g. rm_std) follow the named components.
   """
   in_graph, host_parts = {}, {}
+  rm_names = [n for n, _ in components if n == REWARD_MODEL]
+  if len(rm_names) > 1:
+    raise ValueError(f"reward.components names 'reward_model' {len(rm_names)} times; once")
+  if rm_names and reward_model is None:
+    raise ValueError("reward component 'reward_model' needs a trained reward model: set "
+                     "reward.reward_model_path to the workdir of a kind='reward_model' run")
+  if reward_model is not None and not rm_names:
+    raise ValueError("a reward model was given but reward.components does not name "
+                     "'reward_model'; add (('reward_model', 1.0),) or drop the model")
   for name, weight in components:
     if name == REWARD_MODEL:
-      raise ValueError("reward component 'reward_model' takes the step's reward_params and runs "
-                       "in the one-jit RL step only: set trainer.split_mode=False")
+      continue
     fn = _in_graph_component(name, weight, tokenizer)
     if fn is None:
       host_parts[name] = _host_reward(name, tokenizer, examples, host_timeout_s=host_timeout_s,
@@ -255,12 +267,19 @@ def host_scorer(components: Sequence[tuple[str, float]], tokenizer,
   if not components:
     raise ValueError(f"reward.components is empty; name at least one of {COMPONENTS}")
   _check_has_reward(components)
+  def graph_parts(inputs, rm_params):
+    out = {name: fn(inputs) for name, fn in in_graph.items()}
+    if rm_names:
+      rm_B, rm_comps = reward_model(inputs, rm_params)
+      out.update({REWARD_MODEL: jax.numpy.asarray(rm_B, jax.numpy.float32), **rm_comps})
+    return out
   # Compiled once here, not dispatched op by op at every step.
-  in_graph_jit = jax.jit(lambda inputs: {name: fn(inputs) for name, fn in in_graph.items()})
+  in_graph_jit = jax.jit(graph_parts)
 
   def score(ro: Mapping[str, Any]) -> tuple[np.ndarray, dict]:
     inputs = rollout_reward_inputs(ro)
-    parts = {k: np.asarray(v) for k, v in in_graph_jit(inputs).items()} if in_graph else {}
+    parts = ({k: np.asarray(v) for k, v in in_graph_jit(inputs, reward_params).items()}
+             if in_graph or rm_names else {})
     if host_parts:
       if "prompt_id" not in ro:
         raise ValueError(f"host reward components {sorted(host_parts)} look examples up by "
@@ -269,10 +288,10 @@ def host_scorer(components: Sequence[tuple[str, float]], tokenizer,
       for name, reward in host_parts.items():
         parts[name] = reward(inputs.prompt_tokens_BP, inputs.prompt_mask_BP, inputs.completion_BL,
                              inputs.completion_mask_BL, index_B)
-    parts = {name: parts[name] if name in LABEL_COMPONENTS else parts[name].astype(np.float32)
+    named = {name: parts[name] if name in LABEL_COMPONENTS else parts[name].astype(np.float32)
              for name, _ in components}
     total_B = np.zeros((inputs.completion_BL.shape[0],), np.float32)
     for name, weight in components:
-      total_B = total_B + np.float32(weight) * parts[name].astype(np.float32)
-    return total_B, parts
+      total_B = total_B + np.float32(weight) * named[name].astype(np.float32)
+    return total_B, {**named, **{k: v for k, v in parts.items() if k not in named}}
   return score
