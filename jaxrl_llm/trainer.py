@@ -223,13 +223,35 @@ def _loop(r: Run) -> dict[str, float]:
          "run; those steps run again")
   rng = jax.random.key(cfg.seed)
   final: dict[str, float] = {}
+  start_file = fileio.join(r.workdir, "eval_start.json")
+  final_file = fileio.join(r.workdir, "eval_final.json")  # written once the final row is flushed
+
+  def final_evaluation():
+    result = r.evaluate(state.params, step)
+    writer.write(step, result)
+    writer.flush()
+    if jax.process_index() == 0:
+      fileio.write_text(final_file, json.dumps(result))
+    _say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    if fileio.exists(start_file):
+      _say(summary_table(json.loads(fileio.read_text(start_file)), result, num_steps, cfg.kind))
+    return result
+
   if step >= num_steps:
     _say(f"Run already complete ({step}/{num_steps} steps) in {r.workdir}")
-    writer.close()
-    ckpt.close()
+    try:
+      if r.evaluate is not None and step == num_steps:
+        if fileio.exists(final_file):
+          final = json.loads(fileio.read_text(final_file))
+        else:  # stopped after the last checkpoint, before its evaluation was written
+          _say(f"final evaluation of step {step} is missing (the run stopped during it); "
+               "running it now")
+          final = final_evaluation()
+    finally:
+      writer.close()
+      ckpt.close()
     return final
 
-  start_file = fileio.join(r.workdir, "eval_start.json")
   if step == 0 and r.evaluate is not None:
     first = r.evaluate(state.params, 0)
     writer.write(0, first)
@@ -312,11 +334,8 @@ def _loop(r: Run) -> dict[str, float]:
       progress.close()
     save(step)
     if r.evaluate is not None:
-      final = r.evaluate(state.params, step)
-      writer.write(step, final)
-      _say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
-      if fileio.exists(start_file):
-        _say(summary_table(json.loads(fileio.read_text(start_file)), final, num_steps, cfg.kind))
+      ckpt.wait()  # the final checkpoint is complete before its evaluation is recorded
+      final = final_evaluation()
   finally:
     writer.close()
     ckpt.wait()

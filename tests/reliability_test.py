@@ -122,6 +122,50 @@ def test_metrics_reach_the_workdir_before_each_checkpoint(sft_run):
   assert sft_run["seen"] == {6: [1, 2, 3, 4, 5, 6], 8: [1, 2, 3, 4, 5, 6, 7, 8]}
 
 
+_KILLED_IN_FINAL_EVAL = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from reliability_test import tiny_config
+from jaxrl_llm import trainer
+make = trainer.make_evaluator
+def make_or_die(*args, **kwargs):
+  evaluate = make(*args, **kwargs)
+  def evaluate_or_die(params, step):
+    if step == 4:  # the final evaluation, after the last checkpoint is complete
+      os.kill(os.getpid(), signal.SIGKILL)
+    return evaluate(params, step)
+  return evaluate_or_die
+trainer.make_evaluator = make_or_die
+trainer.run(tiny_config(sys.argv[2], 4, {"eval.num_examples": 8}), sys.argv[3])
+"""
+
+
+def test_kill_9_in_the_final_evaluation_is_recovered_on_rerun(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, "-c", _KILLED_IN_FINAL_EVAL, str(ROOT / "tests"),
+                         data_dir, workdir], env=env, capture_output=True, timeout=300,
+                        check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stdout.decode()[-3000:]
+  eval_steps = lambda: [r["step"] for r in read_metrics(workdir) if "eval/accuracy" in r]
+  assert Checkpointer(workdir, create=False).all_steps()[-1] == 4
+  assert eval_steps() == [0]  # the final row was lost with the process
+
+  cfg = tiny_config(data_dir, 4, {"eval.num_examples": 8})
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    final = trainer.run(cfg, workdir)
+  assert "final evaluation of step 4 is missing" in out.getvalue()
+  assert eval_steps() == [0, 4] and final["eval/num_examples"] == 8
+  row = [r for r in read_metrics(workdir) if r["step"] == 4 and "eval/accuracy" in r][0]
+  assert row["eval/accuracy"] == final["eval/accuracy"]
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    again = trainer.run(cfg, workdir)  # complete: the recorded result, nothing re-run
+  assert "missing" not in out.getvalue() and again == final and eval_steps() == [0, 4]
+
+
 # 1. A diverged state never saved over, nor rotated out, the last finite checkpoint.
 def _diverging_sft_step(state, batch, rng, **kwargs):
   """The real step, whose update from step 3 on turns every parameter into NaN."""
