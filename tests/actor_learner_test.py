@@ -15,6 +15,11 @@
 import dataclasses
 import functools
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -313,18 +318,30 @@ def async_cfg(num_steps, lag=1, **rl_kw):
   return config_lib.from_configdict(c)
 
 
-class Killed(Exception):
-  pass
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_KILLED_ASYNC_RUN = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from actor_learner_test import async_cfg
+from jaxrl_llm import trainer
+from jaxrl_llm.rl import actor_learner as al
+log = open(sys.argv[2], "a")
+def hook(self, step, ids):
+  if step == 3:
+    assert self._pending, "the kill must happen with a rollout in flight"
+    os.kill(os.getpid(), signal.SIGKILL)
+  log.write(json.dumps([step, ids.tolist()]) + "\\n")
+  log.flush()
+al.ActorLearner.consume_hook = hook
+trainer.run(async_cfg(int(sys.argv[4])), sys.argv[3])
+"""
 
 
-def record_prompts(monkeypatch, kill_at=None):
-  """Records (step, prompt ids) as the learner consumes them; raises at step `kill_at`."""
+def record_prompts(monkeypatch):
+  """Records (step, prompt ids) as the learner consumes them."""
   seen = []
 
   def hook(self, step, ids):
-    if step == kill_at:
-      assert self._pending, "the kill must happen with a rollout in flight"
-      raise Killed(step)
     seen.append((step, ids.tolist()))
   monkeypatch.setattr(al.ActorLearner, "consume_hook", hook)
   return seen
@@ -340,11 +357,17 @@ def test_kill_with_rollout_in_flight_then_resume_neither_loses_nor_repeats(tmp_p
   by_step = {r["step"]: r for r in rows if "async/staleness" in r}
   assert [by_step[s]["async/staleness"] for s in range(1, n + 1)] == [0] + [1] * (n - 1)
   assert all("rl/is_clip_frac" in by_step[s] for s in by_step)  # rl.off_policy (mis) metrics
-  # Killed while consuming step 3 (checkpoint at step 2, rollouts 3 and 4 in flight) ...
-  workdir = str(tmp_path / "killed")
-  first = record_prompts(monkeypatch, kill_at=3)
-  with pytest.raises(Killed):
-    trainer.run(async_cfg(n), workdir)
+  # Killed (SIGKILL) while consuming step 3 (checkpoint at step 2, rollouts 3 and 4 in
+  # flight) ...
+  workdir, log = str(tmp_path / "killed"), tmp_path / "consumed.jsonl"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, "-c", _KILLED_ASYNC_RUN, str(ROOT / "tests"),
+                         str(log), workdir, str(n)], env=env, capture_output=True,
+                        timeout=600, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+  first = [tuple(json.loads(line)) for line in log.read_text().splitlines()]
   assert [s for s, _ in first] == [0, 1, 2]
   # ... then resumed from the checkpoint of step 2: steps 2..5 are run again.
   second = record_prompts(monkeypatch)
