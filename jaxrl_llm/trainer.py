@@ -413,7 +413,8 @@ def run_rl(cfg: config_lib.ExperimentConfig, workdir: str) -> dict[str, float]:
                                              sh, say=_say)
   elif rl.multiturn.enabled:  # turns with an environment between them (jaxrl_llm.rl.multiturn)
     from jaxrl_llm.rl import multiturn as multiturn_lib
-    step = multiturn_lib.build_step(cfg, model_cfg, tx, reward_fn, tok, mesh)
+    step = multiturn_lib.build_step(cfg, model_cfg, tx, reward_fn, tok, mesh,
+                                    examples=examples)  # host envs reset from their row
   else:
     step = rl_lib.RLStep(model_cfg, rl, tx, reward_fn, eos_id=tok.eos_id, pad_id=tok.pad_id,
                          mesh=mesh, rules=cfg.mesh.rules,
