@@ -920,8 +920,8 @@ def test_math_last_number_fallback_reaches_the_reward_from_a_config():
     config.RewardSpec(math_last_number_fallback="yes")
 
 
-def test_host_scorer_refuses_the_reward_model_component():
-  with pytest.raises(ValueError, match="one-jit RL step only.*split_mode=False"):
+def test_host_scorer_needs_the_reward_model_it_names():
+  with pytest.raises(ValueError, match="needs a trained reward model.*reward_model_path"):
     registry.host_scorer((("reward_model", 1.0),), BUILTIN, [])
 
 
