@@ -21,6 +21,8 @@ Plans (what is compared, and why it is the setting the method targets):
              the injection changes), seeds 0-2 per arm.
   pre_dpo    Pre-DPO (a 60-step first round as guiding reference) against the
              recipe's DPO run on configs/dpo_arithmetic.py (loss=dpo), seeds 0-2.
+  pre_dpo_rpo  the same with the recipe's default RPO loss (DPO + NLL of the chosen
+             answer), whose first round does not degrade the model.
   iterative  configs/iterative_dpo_arithmetic.py, seeds 0-2.
 """
 
@@ -51,6 +53,9 @@ PLANS = {
     "pre_dpo": (_jobs("configs/dpo_arithmetic.py:loss=dpo", "dpo")
                 + _jobs("configs/dpo_arithmetic.py:loss=dpo", "pre_dpo",
                         "--config.preference.guiding_steps=60")),
+    "pre_dpo_rpo": (_jobs("configs/dpo_arithmetic.py:loss=rpo", "rpo")
+                    + _jobs("configs/dpo_arithmetic.py:loss=rpo", "pre_rpo",
+                            "--config.preference.guiding_steps=60")),
     "iterative": _jobs("configs/iterative_dpo_arithmetic.py", "iterative_dpo"),
 }
 
