@@ -10,7 +10,7 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"
 # The tests' programs are tiny: compiling them dominates, so the CPU backend compiles
-# without LLVM's expensive optimisations (a third less time; the HLO is unchanged).
+# without LLVM's expensive optimisations (a third less time, measured on single tests).
 # Subprocesses started by the tests inherit these flags unless they set their own.
 for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"):
   if _flag.split("=")[0] not in _flags:

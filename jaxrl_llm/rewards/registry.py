@@ -146,6 +146,22 @@ def _host_in_graph(reward) -> Callable[[RewardInputs], jax.Array]:
   return fn
 
 
+def _reward_model_weight(components: Sequence[tuple[str, float]],
+                         reward_model: Optional[Callable]) -> Optional[float]:
+  """The weight of the "reward_model" component (None without one), checked against the
+  model given: named at most once, and named exactly when a model is given."""
+  weights = [float(w) for n, w in components if n == REWARD_MODEL]
+  if len(weights) > 1:
+    raise ValueError(f"reward.components names 'reward_model' {len(weights)} times; once")
+  if weights and reward_model is None:
+    raise ValueError("reward component 'reward_model' needs a trained reward model: set "
+                     "reward.reward_model_path to the workdir of a kind='reward_model' run")
+  if reward_model is not None and not weights:
+    raise ValueError("a reward model was given but reward.components does not name "
+                     "'reward_model'; add (('reward_model', 1.0),) or drop the model")
+  return weights[0] if weights else None
+
+
 def _with_reward_model(verifiers_fn: Optional[Callable], reward_model: Callable, weight: float):
   """fn(inputs, reward_params): the verifier components plus weight · the reward model.
 
@@ -183,12 +199,10 @@ def build_reward_fn(components: Sequence[tuple[str, float]], tokenizer, *,
   fn(inputs, rm_params) -> (rewards_B, comps) (`reward_model.reward_model_fn`);
   the result is then fn(inputs, reward_params) -> (total_B, comps).
   """
+  rm_weight = _reward_model_weight(components, reward_model)
   parts = {}
   for name, weight in components:
     if name == REWARD_MODEL:
-      if reward_model is None:
-        raise ValueError("reward component 'reward_model' needs a trained reward model: set "
-                         "reward.reward_model_path to the workdir of a kind='reward_model' run")
       continue
     fn = _in_graph_component(name, weight, tokenizer)
     if fn is None:
@@ -198,14 +212,8 @@ def build_reward_fn(components: Sequence[tuple[str, float]], tokenizer, *,
   if not components:
     raise ValueError(f"reward.components is empty; name at least one of {COMPONENTS}")
   _check_has_reward(components)
-  rm_weights = [float(w) for n, w in components if n == REWARD_MODEL]
-  if len(rm_weights) > 1:
-    raise ValueError(f"reward.components names 'reward_model' {len(rm_weights)} times; once")
-  if rm_weights:
-    return _with_reward_model(compose(parts) if parts else None, reward_model, rm_weights[0])
-  if reward_model is not None:
-    raise ValueError("a reward model was given but reward.components does not name "
-                     "'reward_model'; add (('reward_model', 1.0),) or drop the model")
+  if rm_weight is not None:
+    return _with_reward_model(compose(parts) if parts else None, reward_model, rm_weight)
   return compose(parts)
 
 
@@ -246,15 +254,7 @@ def host_scorer(components: Sequence[tuple[str, float]], tokenizer,
   its extra outputs (e.g. rm_std) follow the named components.
   """
   in_graph, host_parts = {}, {}
-  rm_names = [n for n, _ in components if n == REWARD_MODEL]
-  if len(rm_names) > 1:
-    raise ValueError(f"reward.components names 'reward_model' {len(rm_names)} times; once")
-  if rm_names and reward_model is None:
-    raise ValueError("reward component 'reward_model' needs a trained reward model: set "
-                     "reward.reward_model_path to the workdir of a kind='reward_model' run")
-  if reward_model is not None and not rm_names:
-    raise ValueError("a reward model was given but reward.components does not name "
-                     "'reward_model'; add (('reward_model', 1.0),) or drop the model")
+  uses_rm = _reward_model_weight(components, reward_model) is not None
   for name, weight in components:
     if name == REWARD_MODEL:
       continue
@@ -269,7 +269,7 @@ def host_scorer(components: Sequence[tuple[str, float]], tokenizer,
   _check_has_reward(components)
   def graph_parts(inputs, rm_params):
     out = {name: fn(inputs) for name, fn in in_graph.items()}
-    if rm_names:
+    if uses_rm:
       rm_B, rm_comps = reward_model(inputs, rm_params)
       out.update({REWARD_MODEL: jax.numpy.asarray(rm_B, jax.numpy.float32), **rm_comps})
     return out
@@ -279,7 +279,7 @@ def host_scorer(components: Sequence[tuple[str, float]], tokenizer,
   def score(ro: Mapping[str, Any]) -> tuple[np.ndarray, dict]:
     inputs = rollout_reward_inputs(ro)
     parts = ({k: np.asarray(v) for k, v in in_graph_jit(inputs, reward_params).items()}
-             if in_graph or rm_names else {})
+             if in_graph or uses_rm else {})
     if host_parts:
       if "prompt_id" not in ro:
         raise ValueError(f"host reward components {sorted(host_parts)} look examples up by "
