@@ -25,7 +25,14 @@ from jaxrl_llm import fileio, lora, memory, optim, sharding
 from jaxrl_llm.checkpoint import Checkpointer, NonFiniteStateError, PreemptionGuard
 from jaxrl_llm.data.builders import load_split
 from jaxrl_llm.data.pipeline import DataIterator
-from jaxrl_llm.metrics import AsyncMetrics, MetricWriter, NonFiniteError, NonFiniteGuard, Progress
+from jaxrl_llm.metrics import (
+  AsyncMetrics,
+  MetricWriter,
+  NonFiniteError,
+  NonFiniteGuard,
+  Progress,
+  read_metrics,
+)
 from jaxrl_llm.models import decoder
 from jaxrl_llm.rewards import registry
 from jaxrl_llm.rl import rl_step as rl_lib
@@ -168,6 +175,22 @@ class Run:
   evaluate: Optional[Callable] = None
 
 
+def _logged_final_evaluation(workdir: str, step: int, start_file: str) -> Optional[dict]:
+  """The final evaluation row of `step` in the run's metrics, if it was flushed.
+
+  An evaluation row has exactly the keys of the step-0 evaluation
+  (`eval_start.json`); without that file nothing is recognised and the
+  evaluation is run again.
+  """
+  if not fileio.exists(start_file):
+    return None
+  keys = set(json.loads(fileio.read_text(start_file)))
+  for row in reversed(read_metrics(workdir)):
+    if row.get("step") == step and set(row) - {"step"} == keys:
+      return {k: row[k] for k in keys}
+  return None
+
+
 def _loop(r: Run) -> dict[str, float]:
   """Train to cfg.trainer.num_steps, resuming from the workdir's latest checkpoint.
 
@@ -243,6 +266,11 @@ def _loop(r: Run) -> dict[str, float]:
       if r.evaluate is not None and step == num_steps:
         if fileio.exists(final_file):
           final = json.loads(fileio.read_text(final_file))
+        elif (logged := _logged_final_evaluation(r.workdir, step, start_file)) is not None:
+          # stopped after flushing the final row, before writing its marker
+          if jax.process_index() == 0:
+            fileio.write_text(final_file, json.dumps(logged))
+          final = logged
         else:  # stopped after the last checkpoint, before its evaluation was written
           _say(f"final evaluation of step {step} is missing (the run stopped during it); "
                "running it now")

@@ -164,6 +164,14 @@ def test_kill_9_in_the_final_evaluation_is_recovered_on_rerun(data_dir, tmp_path
   with contextlib.redirect_stdout(out):
     again = trainer.run(cfg, workdir)  # complete: the recorded result, nothing re-run
   assert "missing" not in out.getvalue() and again == final and eval_steps() == [0, 4]
+  # Killed after the final row was flushed, before its marker was written: the logged
+  # row is the result, and no second row is written.
+  os.remove(os.path.join(workdir, "eval_final.json"))
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    third = trainer.run(cfg, workdir)
+  assert "missing" not in out.getvalue() and eval_steps() == [0, 4]
+  assert third == final and os.path.exists(os.path.join(workdir, "eval_final.json"))
 
 
 # 1. A diverged state never saved over, nor rotated out, the last finite checkpoint.

@@ -1,0 +1,130 @@
+"""Where a decode step's time goes: W3's sampler under the profiler, kernels by time.
+
+`jaxrl_llm.sampling.sample` (W3's model and settings: Qwen2.5-0.5B shape, bf16
+parameters, prompt 256, temperature 1, no stop token) is compiled twice, for
+`--steps` and for 1 new token, and each is run once under `jax.profiler.trace`.
+The device events are read from the Perfetto JSON the profiler writes. The
+decode loop's kernels are those launched at least `steps − 1` times (prefill
+kernels run once, or once per layer); per decode step:
+
+  wall_ms          (wall time of the long run − the short one) / (steps − 1)
+  kernel_ms        summed time of the loop's kernels / (steps − 1) (overlapping
+                   streams are summed, so this can exceed the wall time)
+  busy_fraction    kernel_ms / wall_ms: below 1, the device idles between
+                   kernels (launch gaps, host work, synchronisation)
+  top kernels      name, calls and ms per step, and share of kernel_ms
+
+  python -m benchmarks.profile_decode [--batches 64,512] [--steps 64] [--smoke]
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from jaxrl_llm.models import decoder
+from jaxrl_llm.sampling import sample
+
+
+def device_kernel_times(trace_dir: str) -> dict:
+  """{kernel name: [calls, total µs]} over the device streams of a Perfetto trace."""
+  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not paths:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+  with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
+    events = json.load(f)["traceEvents"]
+  names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device_pids = {pid for pid, name in names.items() if "/device:" in name}
+  # On CPU (--smoke) the compiled ops run on the XLA Eigen threads of the host.
+  cpu_threads = {(e["pid"], e.get("tid")) for e in events
+                 if e.get("ph") == "M" and e.get("name") == "thread_name"
+                 and str(e.get("args", {}).get("name", "")).startswith("tf_XLAEigen")}
+  if not device_pids and not cpu_threads:
+    raise ValueError(f"no device stream in the trace; processes: {sorted(names.values())}")
+  totals = collections.defaultdict(lambda: [0, 0.0])
+  for e in events:
+    if e.get("ph") == "X" and (e.get("pid") in device_pids
+                               or (not device_pids and (e["pid"], e.get("tid")) in cpu_threads)):
+      t = totals[e["name"]]
+      t[0] += 1
+      t[1] += float(e.get("dur", 0.0))
+  return dict(totals)
+
+
+def profile_once(fn, trace_dir: str):
+  jax.block_until_ready(fn())  # compiled and warm before the trace
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    wall_s = time.perf_counter() - t0
+  return wall_s, device_kernel_times(trace_dir)
+
+
+def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int) -> dict:
+  cfg = common.qwen25_config(size, param_dtype="bfloat16")
+  params = decoder.init_params(cfg, jax.random.key(0))
+  prompt = jnp.asarray(common.random_tokens(np.random.default_rng(0), (batch, prompt_len),
+                                            cfg.vocab_size))
+  mask, key = jnp.ones_like(prompt), jax.random.key(1)
+
+  def run(n):
+    fn = jax.jit(functools.partial(sample, cfg, max_new_tokens=n, temperature=1.0,
+                                   stop_tokens=(), cache_size=prompt_len + steps))
+    with tempfile.TemporaryDirectory() as d:
+      return profile_once(lambda: fn(params, prompt, mask, key), d)
+
+  wall_long, k_long = run(steps)
+  wall_short, k_short = run(1)
+  # Kernel names differ between the two programs, so the decode loop's kernels are
+  # found by count instead: those launched at least once per decode step.
+  del k_short
+  per_step = {name: (calls / (steps - 1), us / (steps - 1) / 1e3)
+              for name, (calls, us) in k_long.items() if calls >= steps - 1}
+  kernel_ms = sum(ms for _, ms in per_step.values())
+  wall_ms = (wall_long - wall_short) / (steps - 1) * 1e3
+  ranked = sorted(per_step.items(), key=lambda kv: -kv[1][1])
+  return {"batch": batch, "steps": steps, "wall_ms": wall_ms, "kernel_ms": kernel_ms,
+          "busy_fraction": kernel_ms / wall_ms if wall_ms > 0 else None,
+          "kernels_per_step": sum(c for c, _ in per_step.values()),
+          "top": [{"name": n[:160], "calls_per_step": c, "ms_per_step": ms,
+                   "share": ms / kernel_ms if kernel_ms else None}
+                  for n, (c, ms) in ranked[:top]]}
+
+
+def main():
+  p = common.base_parser(__doc__)
+  p.add_argument("--batches", default="64,512")
+  p.add_argument("--steps", type=int, default=64)
+  p.add_argument("--top", type=int, default=25)
+  args = p.parse_args()
+  size, prompt_len = ("smoke", 16) if args.smoke else ("0.5b", 256)
+  steps = min(args.steps, 8) if args.smoke else args.steps
+  results = []
+  for b in (int(x) for x in args.batches.split(",")):
+    r = profile_batch(min(b, 4) if args.smoke else b, steps, size, prompt_len, args.top)
+    results.append(r)
+    print(f"batch {r['batch']}: wall {r['wall_ms']:.3f} ms/step, kernels "
+          f"{r['kernel_ms']:.3f} ms/step (busy {r['busy_fraction']:.2f}), "
+          f"{r['kernels_per_step']:.0f} kernels/step", flush=True)
+    common.print_table(f"top kernels, batch {r['batch']}", ["kernel", "calls", "ms", "share"],
+                       [[k["name"][:70], k["calls_per_step"], k["ms_per_step"], k["share"]]
+                        for k in r["top"]])
+    jax.clear_caches()
+  common.write_record(args, "profile_decode", {"size": size, "prompt_len": prompt_len,
+                                               "steps": steps}, results)
+
+
+if __name__ == "__main__":
+  main()
