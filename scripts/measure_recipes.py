@@ -69,7 +69,9 @@ def run_job(out: pathlib.Path, job) -> dict:
   with open(f"{workdir}.log", "w") as log:
     rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
   print(f"[{time.strftime('%H:%M:%S')}] {name}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
-  return dict(rc=rc, seconds=time.time() - t0, command=" ".join(cmd[1:]))
+  # The record names paths relative to the repository and to --out (OUT), not this machine's.
+  command = " ".join(cmd[1:]).replace(f"{ROOT}/", "").replace(str(out), "OUT")
+  return dict(rc=rc, seconds=time.time() - t0, command=command)
 
 
 def eval_ends(metrics_path: pathlib.Path) -> dict:
