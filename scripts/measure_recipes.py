@@ -24,6 +24,10 @@ Plans (what is compared, and why it is the setting the method targets):
   pre_dpo_rpo  the same with the recipe's default RPO loss (DPO + NLL of the chosen
              answer), whose first round does not degrade the model.
   iterative  configs/iterative_dpo_arithmetic.py, seeds 0-2.
+  distill    configs/distill_arithmetic.py: on-policy GKD (128 prompts x 1 sample,
+             learning rate 1e-4) against GRPO at the same budget (16 prompts x 8,
+             learning rates 3e-5 and 1e-4), seeds 0-2 of the student; one teacher
+             (seed 0), trained first in OUT/teacher_run, serves every seed.
 """
 
 import argparse
@@ -57,12 +61,21 @@ PLANS = {
                     + _jobs("configs/dpo_arithmetic.py:loss=rpo", "pre_rpo",
                             "--config.preference.guiding_steps=60")),
     "iterative": _jobs("configs/iterative_dpo_arithmetic.py", "iterative_dpo"),
+    "distill": (_jobs("configs/distill_arithmetic.py:teacher=OUT/teacher_run/teacher", "gkd")
+                + _jobs("configs/distill_arithmetic.py:arm=grpo,lr=3e-5", "grpo_lr3e-5")
+                + _jobs("configs/distill_arithmetic.py:arm=grpo", "grpo_lr1e-4")),
+}
+# Run first, one at a time, before a plan's jobs: what they share ("OUT" is --out).
+PREPARE = {
+    "distill": [("teacher_run", "teacher", "configs/distill_arithmetic.py:steps=1,sft_steps=1",
+                 ("--config.seed=0",))],
 }
 
 
 def run_job(out: pathlib.Path, job) -> dict:
   name, _, config, flags = job
   workdir = out / name
+  config = config.replace("OUT", str(out))
   cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / config}",
          f"--workdir={workdir}", "--config.trainer.progress=False", *flags]
   t0 = time.time()
@@ -142,6 +155,9 @@ def main():
   out.mkdir(parents=True, exist_ok=True)
   results = {}
   if not args.print_only:
+    for job in [j for x in args.plan.split(",") for j in PREPARE.get(x, [])]:
+      if run_job(out, job)["rc"] != 0:
+        raise SystemExit(f"{job[0]} failed: see {out / job[0]}.log")
     print(f"{len(jobs)} runs, {args.parallel} at a time, in {out}", flush=True)
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
       for job, res in zip(jobs, pool.map(lambda j: run_job(out, j), jobs), strict=True):

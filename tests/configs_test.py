@@ -23,7 +23,7 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 # Config arguments that select another code path of the same recipe.
 VARIANTS = {"dpo_jsonl.py": ["", "loss=kto"], "grpo_gsm8k.py": ["", "preset=grpo"],
-            "distill_arithmetic.py": ["", "arm=grpo"]}
+            "distill_arithmetic.py": ["", "arm=on_policy", "arm=grpo"]}
 FILE_DATA = {"jsonl": "gsm8k/{split}.jsonl", "preference_jsonl": "pairs/{split}.jsonl",
              "unpaired_jsonl": "unpaired/{split}.jsonl"}
 RECIPE_DATA = {"grpo_math.py": "math/{split}.jsonl"}  # else FILE_DATA by source

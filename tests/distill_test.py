@@ -333,6 +333,47 @@ def test_eight_devices_equal_one(mode):
                                                    jax.tree.leaves(jax.device_get(init.params))))
 
 
+def _prompt_batch(seed, R=32, P=5, A=4):
+  rng = np.random.RandomState(seed)
+  prompts = rng.randint(3, VOCAB, size=(R, P)).astype(np.int32)
+  answers = rng.randint(3, VOCAB, size=(R, A)).astype(np.int32)
+  answers[:, -1] = EOS
+  return dict(prompt_tokens=prompts, prompt_mask=np.ones_like(prompts), answer_tokens=answers,
+              answer_mask=np.ones_like(answers))
+
+
+def test_gkd_student_approaches_the_teacher_on_held_out_prompts():
+  """30 on-policy GKD steps (λ = 1) on training prompts cut the divergence to the teacher
+  on 64 prompts never trained on (measured 0.129 -> 0.007) by more than 5x."""
+  mesh = _mesh((1, 1, 1))
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=3e-3, grad_clip_norm=1.0))
+  state, sh = create_train_state(CFG, tx, jax.random.key(0), mesh)
+  t_sh = param_shardings(TEACHER, mesh)
+  tp = testing.tiny_params(TEACHER, 1)
+  tp = {k: (v * 8 if k in ("embed", "lm_head") else v) for k, v in tp.items()}  # peaked
+  tp = jax.device_put(tp, t_sh)
+  d = distill.DistillConfig(mode="gkd", beta=0.5, lmbda=1.0, max_new_tokens=4)
+  step = distill.DistillStep(CFG, TEACHER, d, tx, eos_id=EOS, mesh=mesh)
+  fn = distill.jit_distill_step(step, sh, t_sh)
+  # Held-out rows: new prompts completed by fixed tokens (λ = 0), every position scored.
+  held_out = dataclasses.replace(step, distill=dataclasses.replace(d, lmbda=0.0))
+  rows = held_out.gkd_rows(None, _prompt_batch(999, R=64), None)
+
+  @jax.jit
+  def divergence(params):
+    d_BT = held_out.token_divergence(params, tp, rows["tokens"], rows["segment_ids"],
+                                     rows["positions"])
+    mask_BT = rows["loss_mask"][:, 1:]
+    return jnp.sum(d_BT * mask_BT) / jnp.sum(mask_BT)
+
+  before = float(divergence(state.params))
+  for i in range(30):
+    state, m = fn(state, _prompt_batch(i), jax.random.key(i), tp)
+    assert m["distill/on_policy_tokens"] > 0
+  after = float(divergence(state.params))
+  assert before > 0.05 and after < 0.2 * before, (before, after)
+
+
 # ---------------------------------------------------------------------------
 # The teacher: same tokenizer, enough logits.
 # ---------------------------------------------------------------------------
