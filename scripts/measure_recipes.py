@@ -15,7 +15,8 @@ A rerun with the same --out resumes each workdir (a finished run returns at
 once), so an interrupted plan can be completed and re-summarised.
 
 Plans (what is compared, and why it is the setting the method targets):
-  ppo        configs/ppo_arithmetic.py, seeds 0-2 (the README's PPO row).
+  ppo        configs/ppo_arithmetic.py, seeds 0-2 (the README's PPO row), and GRPO
+             (configs/quickstart.py) from each PPO run's SFT stage; --parallel <= 3.
   anchor     ACNCHOR (rl.anchor) against plain GRPO from a weak SFT start
              (100 SFT steps, so that many groups fail entirely: the groups
              the injection changes), seeds 0-2 per arm.
@@ -50,7 +51,12 @@ def _jobs(config: str, group: str, *flags: str):
 
 
 PLANS = {
-    "ppo": _jobs("configs/ppo_arithmetic.py", "ppo"),
+    # GRPO (the quickstart) from each PPO run's own SFT stage: jobs start in this order,
+    # so with --parallel <= 3 each ppo_s<k>/sft_warmstart is finished before it is read.
+    "ppo": (_jobs("configs/ppo_arithmetic.py", "ppo")
+            + [(f"grpo_same_sft_s{s}", "grpo_same_sft", "configs/quickstart.py",
+                (f"--config.seed={s}", f"--config.trainer.init_from=OUT/ppo_s{s}/sft_warmstart"))
+               for s in SEEDS]),
     "anchor": (_jobs("configs/quickstart.py:sft_steps=100", "grpo_weak_sft")
                + _jobs("configs/quickstart.py:sft_steps=100", "anchor_weak_sft",
                        "--config.rl.anchor.enabled=True")),
@@ -76,6 +82,7 @@ def run_job(out: pathlib.Path, job) -> dict:
   name, _, config, flags = job
   workdir = out / name
   config = config.replace("OUT", str(out))
+  flags = [f.replace("=OUT/", f"={out}/") for f in flags]
   cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / config}",
          f"--workdir={workdir}", "--config.trainer.progress=False", *flags]
   t0 = time.time()
