@@ -81,8 +81,8 @@ PREPARE = {
 def run_job(out: pathlib.Path, job) -> dict:
   name, _, config, flags = job
   workdir = out / name
-  config = config.replace("OUT", str(out))
-  flags = [f.replace("=OUT/", f"={out}/") for f in flags]
+  # "OUT/" in a plan's config argument or flags is a path under --out.
+  config, *flags = [x.replace("OUT/", f"{out}/") for x in (config, *flags)]
   cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / config}",
          f"--workdir={workdir}", "--config.trainer.progress=False", *flags]
   t0 = time.time()
