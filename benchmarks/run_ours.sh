@@ -17,6 +17,9 @@
 #   then W3's decode step at batch 64/512 with XLA's defaults and with the
 #   decode loop captured as CUDA graphs (CMDBUF_FLAGS: while loops and conditionals
 #   as command buffers).
+# PLAN=decode_gemm: floors, the decode step's weight products alone (XLA against
+#   the Pallas decode matmul, benchmarks/decode_gemm.py), W3 at batch 64/512 with
+#   the threefry and the rbg sampling key and with the Pallas decode matmul.
 # Compilations share XLA's per-fusion autotuning results through a persistent
 # cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/jax_cache): the W5 step reuses
 # what its rollout compile tuned. Timed calls are unaffected.
@@ -82,6 +85,9 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
     lora_w1)
       run 420 benchmarks.lora_bench --workload w1 --repeats 3
       run 170 benchmarks.w5_ragged_grpo_step --variant engine --tag buckets4 --repeats 3 ;;
+    decode_gemm)
+      run 220 benchmarks.w3_decode --variants b64,b64_pallas,b64_rbg,b512,b512_pallas,b512_rbg --repeats 3
+      run 260 benchmarks.decode_gemm ;;
     w1)
       run 200 benchmarks.w1_grpo_step --repeats 3
       run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample ;;

@@ -59,6 +59,7 @@ class ModelSpec:
   param_dtype: str = "float32"
   remat: str = "none"
   attention_impl: str = "auto"
+  decode_matmul: str = "xla"    # decode steps' weight products: xla | pallas (one GPU)
   lora: LoraConfig = LoraConfig()  # low-rank adapters on a frozen base (rank 0: off)
 
   def __post_init__(self):
@@ -564,4 +565,5 @@ def builtin_model_config(spec: ModelSpec, vocab_size: int):
   from jaxrl_llm.models.config import ModelConfig
   return ModelConfig(vocab_size=vocab_size, dtype=spec.dtype, param_dtype=spec.param_dtype,
                      remat=spec.remat, attention_impl=spec.attention_impl, lora=spec.lora,
+                     decode_matmul=spec.decode_matmul,
                      **BUILTIN_MODELS[spec.builtin])

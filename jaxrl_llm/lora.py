@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import optax
 import qwix
 
+from jaxrl_llm import decode_matmul as decode_matmul_lib
 from jaxrl_llm import tree_paths
 
 Params = dict[str, Any]
@@ -439,14 +440,24 @@ def dropout_fn(lora: LoraConfig, key: jax.Array, name: str) -> Optional[Callable
 
 
 def projection(eq: str, x: jax.Array, lp: Mapping[str, jax.Array], name: str, dtype,
-               scale: Optional[float], dropout_fn: Optional[Callable] = None) -> jax.Array:
+               scale: Optional[float], dropout_fn: Optional[Callable] = None,
+               decode_matmul: str = "xla") -> jax.Array:
   """einsum(eq, x, W) + s·((x·A)·B) when `lp` holds adapters for `name` (unmerged path).
+
+  `decode_matmul` ("xla" / "pallas" / "pallas_interpret", `ModelConfig`): with
+  a Pallas choice, a one-token x (decode step) takes the base product through
+  `decode_matmul.project`.
 
   `eq` is the base projection, e.g. "BTD,DNH->BTNH": the letters of W that
   also appear in x are its inputs (contracted by A), the rest its outputs.
   """
   w = lp[name].astype(dtype)  # a quantized base (qwix.QArray) is dequantized in the matmul
-  y = (qwix.einsum if isinstance(w, qwix.QArray) else jnp.einsum)(eq, x, w)
+  if isinstance(w, qwix.QArray):
+    y = qwix.einsum(eq, x, w)
+  elif decode_matmul in ("pallas", "pallas_interpret") and x.shape[1] == 1:
+    y = decode_matmul_lib.project(eq, x, w, interpret=decode_matmul == "pallas_interpret")
+  else:
+    y = jnp.einsum(eq, x, w)
   a = lp.get(name + A_SUFFIX)
   if a is None:
     return y

@@ -63,6 +63,10 @@ say = _say  # public: progress messages of a run (process 0 prints)
 # ---------------------------------------------------------------------------
 def model_config(cfg: config_lib.ExperimentConfig, tokenizer):
   spec = cfg.model
+  if spec.decode_matmul != "xla" and jax.device_count() > 1:
+    raise ValueError(f"model.decode_matmul={spec.decode_matmul!r} runs its kernel on one "
+                     f"device, but this run has {jax.device_count()}: set "
+                     "model.decode_matmul='xla' for a sharded model")
   if spec.source == "builtin":
     return config_lib.builtin_model_config(spec, tokenizer.vocab_size)
   from jaxrl_llm.models import hf
@@ -70,7 +74,7 @@ def model_config(cfg: config_lib.ExperimentConfig, tokenizer):
   model_cfg = hf.config_from_hf(hf_config)
   model_cfg = model_cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype,
                                 remat=spec.remat, attention_impl=spec.attention_impl,
-                                lora=spec.lora)
+                                decode_matmul=spec.decode_matmul, lora=spec.lora)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab "
                      f"{model_cfg.vocab_size}: data.tokenizer does not belong to {spec.path}")

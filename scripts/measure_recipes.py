@@ -15,6 +15,9 @@ A rerun with the same --out resumes each workdir (a finished run returns at
 once), so an interrupted plan can be completed and re-summarised.
 
 Plans (what is compared, and why it is the setting the method targets):
+  quickstart, lora, online_dpo   configs/quickstart.py, configs/grpo_lora_arithmetic.py,
+             configs/online_dpo_arithmetic.py, seeds 0-2 (the README's tables; the
+             offline RPO row is the `rpo` arm of pre_dpo_rpo).
   ppo        configs/ppo_arithmetic.py, seeds 0-2 (the README's PPO row), and GRPO
              (configs/quickstart.py) from each PPO run's SFT stage; --parallel <= 3.
   anchor     ACNCHOR (rl.anchor) against plain GRPO from a weak SFT start
@@ -51,6 +54,10 @@ def _jobs(config: str, group: str, *flags: str):
 
 
 PLANS = {
+    # The README's result tables.
+    "quickstart": _jobs("configs/quickstart.py", "quickstart"),
+    "lora": _jobs("configs/grpo_lora_arithmetic.py", "grpo_lora"),
+    "online_dpo": _jobs("configs/online_dpo_arithmetic.py", "online_dpo"),
     # GRPO (the quickstart) from each PPO run's own SFT stage: jobs start in this order,
     # so with --parallel <= 3 each ppo_s<k>/sft_warmstart is finished before it is read.
     "ppo": (_jobs("configs/ppo_arithmetic.py", "ppo")

@@ -12,6 +12,10 @@ from jaxrl_llm.lora import LoraConfig
 FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# Weight products of a decode step (one token per row): XLA's GEMM, or the Pallas
+# decode matmul (jaxrl_llm/decode_matmul.py; GPU, one device per model replica);
+# "pallas_interpret" runs that kernel through the Pallas interpreter (tests).
+DECODE_MATMULS = ("xla", "pallas", "pallas_interpret")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -77,6 +81,7 @@ class ModelConfig:
   remat: str = "none"           # rematerialisation policy of each layer
   attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation
   scan_layers: bool = True      # lax.scan over stacked layers (fast compile)
+  decode_matmul: str = "xla"    # one of DECODE_MATMULS
   lora: Optional[LoraConfig] = None  # low-rank adapters (`jaxrl_llm.lora`); None: none
 
   def __post_init__(self):
@@ -110,6 +115,8 @@ class ModelConfig:
            f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
     _check(self.attention_impl in ATTENTION_IMPLS,
            f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    _check(self.decode_matmul in DECODE_MATMULS,
+           f"decode_matmul={self.decode_matmul!r}; choose one of {DECODE_MATMULS}")
     _check(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
     _check(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
     if isinstance(self.rope_scaling, dict):

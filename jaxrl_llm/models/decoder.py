@@ -192,7 +192,7 @@ def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, kv_fn,
     """A projection, plus its low-rank update s·(x·A)·B where the params hold adapters."""
     drop = (None if lora_dropout_key is None or cfg.lora is None else
             lora_lib.dropout_fn(cfg.lora, lora_dropout_key, name))
-    return lora_lib.projection(eq, x, lp, name, dt, scale, drop)
+    return lora_lib.projection(eq, x, lp, name, dt, scale, drop, cfg.decode_matmul)
   h = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
   q = proj("BTD,DNH->BTNH", h, "q")
   k = proj("BTD,DKH->BTKH", h, "k")

@@ -1,0 +1,108 @@
+"""The decode step's weight products alone: XLA's GEMM against the Pallas
+decode matmul (jaxrl_llm/decode_matmul.py), at W3's shapes.
+
+W3's model (Qwen2.5-0.5B shape, d = 896, MLP 4864, 24 layers) multiplies M =
+batch rows by each layer's q / o [896, 896], gate / up [896, 4864] and down
+[4864, 896] weights per decode step. Each product here runs over 24 stacked
+copies of its weight inside one `lax.scan` (as the model's layer scan does),
+so no weight is served from the 50 MB L2 twice. The floor of one product is
+its weight's bytes over the measured copy bandwidth; the table gives each
+kernel's share of it (higher is better), XLA's next to the best Pallas
+configuration of a small sweep (block_n, block_k, splits, warps, stages).
+
+  python -m benchmarks.decode_gemm [--smoke] [--batches 64,512]
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common, floors
+from jaxrl_llm.decode_matmul import decode_matmul, decode_matmul_ref
+
+LAYERS = 24
+SHAPES = {"q_or_o": (896, 896), "gate_or_up": (896, 4864), "down": (4864, 896)}
+SMOKE_SHAPES = {"small": (256, 128)}
+
+
+def configs(K: int, N: int, smoke: bool):
+  tiles = [(32, 128)] if smoke else [(16, 256), (32, 128), (32, 256), (64, 128)]
+  for (bn, bk), warps, stages in itertools.product(tiles, [4] if smoke else [4, 8], [3]):
+    if N % bn or K % bk:
+      continue
+    chunks = K // bk
+    for splits in sorted({1, *[s for s in (2, 4, 7, 19) if chunks % s == 0]}):
+      if (N // bn) * splits > 8 * 132:  # more programs than the chip runs in 8 waves
+        continue
+      yield dict(block_n=bn, block_k=bk, splits=splits, num_warps=warps, num_stages=stages)
+
+
+def stacked_product(fn):
+  """y[l] = fn(x, w[l]) over the stacked layer axis, in one scan."""
+  return jax.jit(lambda x, w_LKN: jax.lax.scan(lambda c, w: (c, fn(x, w)), 0, w_LKN)[1])
+
+
+def time_product(fn, x, w, args) -> float:
+  f = stacked_product(fn)
+  times = common.time_calls(lambda: f(x, w), warmup=2, repeats=max(args.repeats, 20))
+  return float(np.median(times)) / LAYERS
+
+
+def main():
+  p = common.base_parser(__doc__)
+  p.add_argument("--batches", default="64,512")
+  args = p.parse_args()
+  interpret = jax.default_backend() != "gpu"
+  shapes = SMOKE_SHAPES if args.smoke else SHAPES
+  layers = 2 if args.smoke else LAYERS
+  copy = floors.copy_bandwidth((16 if args.smoke else 4096) * 2**20, repeats=10, warmup=3)
+  bw = copy["gb_per_s"] * 1e9
+  results, rows = [], []
+  for M in [int(b) for b in args.batches.split(",")]:
+    for name, (K, N) in shapes.items():
+      kx, kw = jax.random.split(jax.random.key(M + K + N))
+      x = jax.random.normal(kx, (M, K), jnp.bfloat16)
+      w = jax.random.normal(kw, (layers, K, N), jnp.bfloat16)
+      floor_s = 2 * K * N / bw
+      ref = np.asarray(jax.jit(jax.vmap(decode_matmul_ref, (None, 0)))(x, w), np.float32)
+      xla_s = time_product(decode_matmul_ref, x, w, args)
+      print(f"M={M} {name} [{K}, {N}]: floor {floor_s * 1e6:.1f} us, XLA {xla_s * 1e6:.1f} us "
+            f"({floor_s / xla_s:.0%})", flush=True)
+      sweep = []
+      for cfg in configs(K, N, args.smoke):
+        fn = lambda x, w, cfg=cfg: decode_matmul(x, w, interpret=interpret, **cfg)
+        try:
+          y = np.asarray(stacked_product(fn)(x, w), np.float32)
+          err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+          if not err < 1e-2:
+            raise ValueError(f"relative error {err:.2e} against jnp.dot")
+          sweep.append({**cfg, "s": time_product(fn, x, w, args), "rel_err": err})
+          print(f"  M={M} {name} {cfg}: {sweep[-1]['s'] * 1e6:.1f} us "
+                f"({floor_s / sweep[-1]['s']:.0%} of floor)", flush=True)
+        except Exception as e:  # a tile that does not fit (shared memory, registers)
+          sweep.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+      ok = [r for r in sweep if "s" in r]
+      best = min(ok, key=lambda r: r["s"]) if ok else None
+      results.append({"batch": M, "weight": name, "K": K, "N": N, "floor_s": floor_s,
+                      "xla_s": xla_s, "xla_of_floor": floor_s / xla_s, "best": best,
+                      "best_of_floor": None if best is None else floor_s / best["s"],
+                      "sweep": sweep})
+      rows.append([M, name, f"{floor_s * 1e6:.1f}", f"{xla_s * 1e6:.1f}",
+                   f"{floor_s / xla_s:.0%}",
+                   "-" if best is None else f"{best['s'] * 1e6:.1f}",
+                   "-" if best is None else f"{floor_s / best['s']:.0%}",
+                   "-" if best is None else "bn{block_n} bk{block_k} s{splits} w{num_warps} "
+                   "st{num_stages}".format(**best)])
+  common.write_record(args, "decode_gemm", {"layers": layers, "shapes": shapes,
+                                            "copy": copy}, results)
+  common.print_table(f"decode GEMMs, per layer (copy {copy['gb_per_s']:.0f} GB/s)",
+                     ["batch", "weight", "floor us", "XLA us", "XLA/floor", "Pallas us",
+                      "Pallas/floor", "config"], rows)
+
+
+if __name__ == "__main__":
+  main()
