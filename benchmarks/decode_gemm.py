@@ -30,7 +30,7 @@ SMOKE_SHAPES = {"small": (256, 128)}
 
 
 def configs(K: int, N: int, smoke: bool):
-  tiles = [(32, 128)] if smoke else [(16, 256), (32, 128), (32, 256), (64, 128)]
+  tiles = [(32, 128)] if smoke else [(16, 256), (32, 128), (64, 128)]
   for (bn, bk), warps, stages in itertools.product(tiles, [4] if smoke else [4, 8], [3]):
     if N % bn or K % bk:
       continue

@@ -10,10 +10,10 @@ held-out greedy rule-following rate; plain DPO (`--config=...:loss=dpo`) raises
 the held-out implicit-reward accuracy but lowers the chosen likelihood on this
 tiny model (a known DPO failure mode), so RPO is the default.
 Hardware: 2 CPU cores, about 3 minutes. Measured (CPU, defaults, seeds 0/1/2,
-mean ± std): held-out greedy rule-following 0.151 ± 0.070 after the SFT stage ->
-0.169 ± 0.028 after 60 RPO steps (gain +0.018 ± 0.075: not distinguishable from
-noise), sampled (T=1) 0.151 ± 0.049 -> 0.189 ± 0.048 (gain +0.038 ± 0.008 in
-every seed). The test suite's smaller recipe (tests/preference_step_test.py)
+mean ± std; README): held-out greedy rule-following 0.150 ± 0.023 after the SFT
+stage -> 0.224 ± 0.112 after 60 RPO steps (gain +0.074 ± 0.102: not
+distinguishable from noise), sampled (T=1) 0.159 ± 0.042 -> 0.207 ± 0.061 (gain
++0.048 ± 0.028 in every seed). The test suite's smaller recipe (tests/preference_step_test.py)
 measured greedy gains of +0.24 to +0.37 over 3 seeds.
 """
 

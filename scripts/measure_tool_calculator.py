@@ -13,6 +13,11 @@ scores greedy decoding on the test split:
 
 greedy and sampled (T = 1), and prints the results as JSON (also written to
 <out>/results.json). `--seed` sets every stage's `config.seed`.
+
+  python scripts/measure_tool_calculator.py --summarise=DIR0,DIR1,DIR2 --out=SUMMARY.json
+
+reads the results.json of finished runs (one per seed) and writes each
+evaluation's per-seed values and mean ± std over the seeds.
 """
 
 import argparse
@@ -65,6 +70,32 @@ def prompt_batches(examples, tok, P: int, batch: int):
                answer=np.asarray([ex["answer"] for ex in chunk]))
 
 
+def summarise(dirs: list[str], out: str):
+  runs = []
+  for d in dirs:
+    path = os.path.join(d, "results.json")
+    if not os.path.exists(path):
+      raise SystemExit(f"--summarise: {path} is missing (run that seed to the end first)")
+    with open(path) as f:
+      runs.append(json.load(f))
+  evals = sorted(k for k, v in runs[0].items() if isinstance(v, dict) and "accuracy" in v)
+  summary = {}
+  for name in evals:
+    summary[name] = {}
+    for metric in sorted(runs[0][name]):
+      values = np.asarray([r[name][metric] for r in runs], np.float64)
+      summary[name][metric] = dict(per_seed=values.tolist(), mean=float(values.mean()),
+                                   std=float(values.std()))
+  record = dict(seeds=[r["seed"] for r in runs], num_test=[r["num_test"] for r in runs],
+                minutes=[r["minutes"] for r in runs], summary=summary, runs=runs)
+  with open(out, "w") as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+  for name in evals:
+    acc = summary[name]["accuracy"]
+    print(f"{name:32s} accuracy {acc['mean']:.3f} ± {acc['std']:.3f}  per seed "
+          + " / ".join(f"{v:.3f}" for v in acc["per_seed"]))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", default="/tmp/calc")
@@ -74,7 +105,11 @@ def main():
   parser.add_argument("--stages", default="sft,rl,direct",
                       help="stages to train (a finished stage resumes at once); the others "
                       "are only evaluated where their checkpoint exists")
+  parser.add_argument("--summarise", default="",
+                      help="comma-separated finished --out folders: write their summary to --out")
   args = parser.parse_args()
+  if args.summarise:
+    return summarise(args.summarise.split(","), args.out)
   common = f"sft={args.out}/sft,data={args.out}/data,sft_steps={args.sft_steps}," \
            f"rl_steps={args.rl_steps}"
   t0 = time.time()
