@@ -86,7 +86,7 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       run 420 benchmarks.lora_bench --workload w1 --repeats 3
       run 170 benchmarks.w5_ragged_grpo_step --variant engine --tag buckets4 --repeats 3 ;;
     decode_gemm)
-      run 220 benchmarks.w3_decode --variants b64,b64_pallas,b64_rbg,b512,b512_pallas,b512_rbg --repeats 3
+      run 220 benchmarks.w3_decode --variants b64,b64_pallas,b512,b512_pallas,b64_rbg,b512_rbg --repeats 3
       run 200 benchmarks.decode_gemm ;;
     w1)
       run 200 benchmarks.w1_grpo_step --repeats 3
