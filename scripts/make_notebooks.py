@@ -567,9 +567,10 @@ for k in ("eval/accuracy", "eval/sample_accuracy"):
   problems and a model this small, these move by several points from one
   machine or seed to another: the run shows the pipeline working end to end
   more than it measures anything.
-* **`TINY = False`** (the quickstart): after SFT, greedy held-out accuracy near
-  0.8 and sampled accuracy about 0.75-0.8; GRPO raises the *sampled* accuracy
-  (what it optimises) by about 0.04-0.08, with greedy accuracy about level.
+* **`TINY = False`** (the quickstart): after SFT, held-out greedy accuracy
+  0.89 ± 0.09 and sampled accuracy 0.82 ± 0.13 over seeds 0-2 (seed 0: 0.77
+  and 0.67); GRPO's 150 steps then change them by −0.02 ± 0.005 and
+  +0.01 ± 0.02 (the README's table): no gain at this size and budget.
 
 Next: **03** trains with preferences instead of a verifier (DPO, online DPO, a
 reward model); **04** plugs a new advantage estimator and policy loss into the
