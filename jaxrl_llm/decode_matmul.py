@@ -89,8 +89,8 @@ def decode_matmul(x_MK: jax.Array, w_KN: jax.Array, *, block_n: int = 32, block_
   return partial_SMN.sum(axis=0)[:M].astype(x_MK.dtype)
 
 
-def tile_config(M: int, K: int, N: int, num_sms: int = 132) -> dict:
-  """A tile configuration for [M, K] x [K, N]: block_k 128 (64 where K needs
+def tile_config(K: int, N: int, num_sms: int = 132) -> dict:
+  """A tile configuration for [M, K] x [K, N], any small M: block_k 128 (64 where K needs
   it), block_n 32 (16 where N needs it), and the fewest K splits that give at
   least two programs per streaming multiprocessor (two waves)."""
   block_k = next((b for b in (128, 64, 32, 16) if K % b == 0), None)
@@ -107,7 +107,7 @@ def project(eq: str, x: jax.Array, w: jax.Array, *, interpret: bool = False) -> 
   """einsum(eq, x, w) for a projection whose x is [B, 1, *in] and w [*in, *out]
   (every x letter after B and T is contracted, and they lead w), as one
   decode_matmul of [B, prod(in)] x [prod(in), prod(out)]."""
-  (x_spec, w_spec), out_spec = eq.split("->")[0].split(","), eq.split("->")[1]
+  x_spec, w_spec = eq.split("->")[0].split(",")
   n_in = len(x_spec) - 2
   if x_spec[:2] != "BT" or w_spec[:n_in] != x_spec[2:] or x.shape[1] != 1:
     raise ValueError(f"decode_matmul.project: {eq} with x {x.shape} is not a decode projection")
@@ -116,6 +116,5 @@ def project(eq: str, x: jax.Array, w: jax.Array, *, interpret: bool = False) -> 
   out_shape = w.shape[n_in:]
   w_KN = w.reshape(K, -1)
   y = decode_matmul(x.reshape(B, K), w_KN, interpret=interpret,
-                    **tile_config(B, K, w_KN.shape[1]))
-  del out_spec
+                    **tile_config(K, w_KN.shape[1]))
   return y.reshape(B, 1, *out_shape)

@@ -41,7 +41,7 @@ def test_bad_shapes_name_the_constraint():
 
 @pytest.mark.parametrize("K,N", [(896, 4864), (4864, 896), (896, 896), (896, 128), (32, 48)])
 def test_tile_config_divides_the_product_and_fills_the_chip(K, N):
-  c = dm.tile_config(64, K, N)
+  c = dm.tile_config(K, N)
   chunks = K // c["block_k"]
   assert N % c["block_n"] == 0 and K % c["block_k"] == 0 and chunks % c["splits"] == 0
   programs = (N // c["block_n"]) * c["splits"]
