@@ -15,11 +15,13 @@ kernels run once, or once per layer); per decode step:
   top kernels      name, calls and ms per step, and share of kernel_ms
 
   python -m benchmarks.profile_decode [--batches 64,512] [--steps 64] [--smoke]
+      [--decode_matmul xla|pallas]   (the layers' decode products, ModelConfig.decode_matmul)
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import glob
 import gzip
@@ -72,8 +74,10 @@ def profile_once(fn, trace_dir: str):
   return wall_s, device_kernel_times(trace_dir)
 
 
-def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int) -> dict:
-  cfg = common.qwen25_config(size, param_dtype="bfloat16")
+def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
+                  decode_matmul: str = "xla") -> dict:
+  cfg = dataclasses.replace(common.qwen25_config(size, param_dtype="bfloat16"),
+                            decode_matmul=decode_matmul)
   params = decoder.init_params(cfg, jax.random.key(0))
   prompt = jnp.asarray(common.random_tokens(np.random.default_rng(0), (batch, prompt_len),
                                             cfg.vocab_size))
@@ -95,7 +99,8 @@ def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int) 
   kernel_ms = sum(ms for _, ms in per_step.values())
   wall_ms = (wall_long - wall_short) / (steps - 1) * 1e3
   ranked = sorted(per_step.items(), key=lambda kv: -kv[1][1])
-  return {"batch": batch, "steps": steps, "wall_ms": wall_ms, "kernel_ms": kernel_ms,
+  return {"batch": batch, "steps": steps, "decode_matmul": decode_matmul,
+          "wall_ms": wall_ms, "kernel_ms": kernel_ms,
           "busy_fraction": kernel_ms / wall_ms if wall_ms > 0 else None,
           "kernels_per_step": sum(c for c, _ in per_step.values()),
           "top": [{"name": n[:160], "calls_per_step": c, "ms_per_step": ms,
@@ -108,12 +113,17 @@ def main():
   p.add_argument("--batches", default="64,512")
   p.add_argument("--steps", type=int, default=64)
   p.add_argument("--top", type=int, default=25)
+  p.add_argument("--decode_matmul", default="xla", choices=["xla", "pallas"])
   args = p.parse_args()
+  decode_matmul = args.decode_matmul
+  if decode_matmul == "pallas" and jax.default_backend() != "gpu":
+    decode_matmul = "pallas_interpret"
   size, prompt_len = ("smoke", 16) if args.smoke else ("0.5b", 256)
   steps = min(args.steps, 8) if args.smoke else args.steps
   results = []
   for b in (int(x) for x in args.batches.split(",")):
-    r = profile_batch(min(b, 4) if args.smoke else b, steps, size, prompt_len, args.top)
+    r = profile_batch(min(b, 4) if args.smoke else b, steps, size, prompt_len, args.top,
+                      decode_matmul)
     results.append(r)
     print(f"batch {r['batch']}: wall {r['wall_ms']:.3f} ms/step, kernels "
           f"{r['kernel_ms']:.3f} ms/step (busy {r['busy_fraction']:.2f}), "
@@ -123,7 +133,8 @@ def main():
                         for k in r["top"]])
     jax.clear_caches()
   common.write_record(args, "profile_decode", {"size": size, "prompt_len": prompt_len,
-                                               "steps": steps}, results)
+                                               "steps": steps, "decode_matmul": decode_matmul},
+                      results)
 
 
 if __name__ == "__main__":

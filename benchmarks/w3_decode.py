@@ -142,10 +142,11 @@ def main():
       traceback.print_exc()
       results.append({"variant": name, "error": f"{type(e).__name__}: {e}"[:2000]})
     jax.clear_caches()
-  common.write_record(args, "w3_decode", {"size": size, "prompt_len": prompt_len,
-                                          "new_tokens": new_tokens, "temperature": 1.0,
-                                          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                                          "floors": floors}, results)
+    # written after every variant: a run stopped by its time limit keeps what it measured
+    common.write_record(args, "w3_decode", {"size": size, "prompt_len": prompt_len,
+                                            "new_tokens": new_tokens, "temperature": 1.0,
+                                            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                                            "floors": floors}, results)
   rows = []
   for r in results:
     if "error" in r:

@@ -21,7 +21,11 @@ tensor-core dot.
 `decode_matmul_ref` is the same product through `jnp.dot` (the reference
 of `tests/decode_matmul_test.py`). `project` applies the kernel to one of the
 model's projections (`ModelConfig.decode_matmul`), with a tile configuration
-from `tile_config`.
+from `tile_config`, for products of at most `MAX_ROWS` rows; larger ones go to
+XLA's GEMM. Above that the x tiles of the pipeline (num_stages · M · block_k ·
+2 bytes, 557,056 bytes at M = 512 with 4 stages) outgrow the 227 KB of shared
+memory of an H100, and at M = 512 the product has 512 FLOP per weight byte:
+it is no longer a weight stream.
 """
 
 import functools
@@ -35,6 +39,9 @@ from jax.experimental.pallas import triton as plgpu
 
 def decode_matmul_ref(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
   return jnp.dot(x_MK, w_KN, preferred_element_type=jnp.float32).astype(x_MK.dtype)
+
+
+MAX_ROWS = 128  # products with more rows (after padding) use XLA's GEMM in `project`
 
 
 def _kernel(x_ref, w_ref, o_ref, *, block_n: int, block_k: int, steps: int):
@@ -90,28 +97,31 @@ def decode_matmul(x_MK: jax.Array, w_KN: jax.Array, *, block_n: int = 32, block_
 
 
 def tile_config(K: int, N: int, num_sms: int = 132) -> dict:
-  """A tile configuration for [M, K] x [K, N], any small M: block_k 128 (64 where K needs
-  it), block_n 32 (16 where N needs it), and the fewest K splits that give at
-  least two programs per streaming multiprocessor (two waves)."""
+  """A tile configuration for [M, K] x [K, N], M ≤ MAX_ROWS: block_k 128 (64 where K
+  needs it), block_n 32 (16 where N needs it), and the fewest K splits that give
+  at least one program per streaming multiprocessor (one full wave)."""
   block_k = next((b for b in (128, 64, 32, 16) if K % b == 0), None)
   block_n = next((b for b in (32, 16) if N % b == 0), None)
   if block_k is None or block_n is None:
     raise ValueError(f"decode_matmul: K={K} and N={N} must be multiples of 16")
   chunks = K // block_k
   splits = next((s for s in range(1, chunks + 1)
-                 if chunks % s == 0 and (N // block_n) * s >= 2 * num_sms), chunks)
+                 if chunks % s == 0 and (N // block_n) * s >= num_sms), chunks)
   return dict(block_n=block_n, block_k=block_k, splits=splits)
 
 
 def project(eq: str, x: jax.Array, w: jax.Array, *, interpret: bool = False) -> jax.Array:
   """einsum(eq, x, w) for a projection whose x is [B, 1, *in] and w [*in, *out]
   (every x letter after B and T is contracted, and they lead w), as one
-  decode_matmul of [B, prod(in)] x [prod(in), prod(out)]."""
+  decode_matmul of [B, prod(in)] x [prod(in), prod(out)]; with more than MAX_ROWS
+  rows (after padding to a power of two) as XLA's `jnp.einsum`."""
   x_spec, w_spec = eq.split("->")[0].split(",")
   n_in = len(x_spec) - 2
   if x_spec[:2] != "BT" or w_spec[:n_in] != x_spec[2:] or x.shape[1] != 1:
     raise ValueError(f"decode_matmul.project: {eq} with x {x.shape} is not a decode projection")
   B = x.shape[0]
+  if _pow2_at_least(B) > MAX_ROWS:
+    return jnp.einsum(eq, x, w)
   K = math.prod(w.shape[:n_in])
   out_shape = w.shape[n_in:]
   w_KN = w.reshape(K, -1)

@@ -45,7 +45,20 @@ def test_tile_config_divides_the_product_and_fills_the_chip(K, N):
   chunks = K // c["block_k"]
   assert N % c["block_n"] == 0 and K % c["block_k"] == 0 and chunks % c["splits"] == 0
   programs = (N // c["block_n"]) * c["splits"]
-  assert programs >= 2 * 132 or c["splits"] == chunks  # two waves, or as split as it gets
+  assert programs >= 132 or c["splits"] == chunks  # one full wave, or as split as it gets
+  if c["splits"] > 1:  # and the fewest splits that fill it
+    assert (N // c["block_n"]) * max(s for s in range(1, c["splits"]) if chunks % s == 0) < 132
+
+
+@pytest.mark.parametrize("B,kernel", [(64, True), (128, True), (129, False), (512, False)])
+def test_project_uses_the_kernel_up_to_max_rows(B, kernel):
+  x = jnp.ones((B, 1, 64), jnp.bfloat16)
+  w = jnp.ones((64, 4, 8), jnp.bfloat16)
+  jaxpr = str(jax.make_jaxpr(lambda x, w: dm.project("BTD,DNH->BTNH", x, w, interpret=True))(x, w))
+  assert ("pallas_call" in jaxpr) == kernel
+  y = dm.project("BTD,DNH->BTNH", x, w, interpret=True)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), 64.0)
+  assert y.shape == (B, 1, 4, 8)
 
 
 def test_unknown_decode_matmul_is_refused():
