@@ -63,29 +63,37 @@ RBG = {"b64_rbg": "b64", "b512_rbg": "b512"}
 # Same as b64 / b512 with the layers' weight products of each decode step through
 # the Pallas decode matmul (ModelConfig.decode_matmul="pallas"; the LM head stays XLA's).
 PALLAS = {"b64_pallas": "b64", "b512_pallas": "b512"}
+# Batch 512 as 64 prompts x G = 8 samples (each prompt prefilled once): the
+# prompt's K/V copied to its 8 rows (g8) or kept once per group and attended
+# once per group (g8_cascade, `sample(shared_prefix_attention=True)`).
+GROUPED = {"b512_g8": ("b512", 8, False), "b512_g8_cascade": ("b512", 8, True)}
 DEFAULT = "b1,b64,b512"
 
 
 def run_variant(args, name, size, prompt_len, new_tokens, floors):
-  base = CACHE_2X.get(name) or RBG.get(name) or PALLAS.get(name) or name
+  base, group, cascade = GROUPED.get(name, (None, 1, False))
+  base = base or CACHE_2X.get(name) or RBG.get(name) or PALLAS.get(name) or name
   batch, param_dtype, attn, greedy, measure_prefill = VARIANTS[base]
   cache_size = 2 * (prompt_len + new_tokens) if name in CACHE_2X else None
   measure_prefill = measure_prefill and cache_size is None
   if args.smoke:
-    batch = min(batch, 4)
+    batch = min(batch, 4 * group)
   cfg = common.qwen25_config(size, param_dtype=param_dtype, attention_impl=attn)
   if name in PALLAS:
     cfg = dataclasses.replace(
         cfg, decode_matmul="pallas" if jax.default_backend() == "gpu" else "pallas_interpret")
   params = decoder.init_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
-  prompt = jnp.asarray(common.random_tokens(rng, (batch, prompt_len), cfg.vocab_size))
+  if batch % group:
+    raise ValueError(f"{name}: batch {batch} is not a multiple of the group size {group}")
+  prompt = jnp.asarray(common.random_tokens(rng, (batch // group, prompt_len), cfg.vocab_size))
   mask = jnp.ones_like(prompt)
   key = jax.random.key(1, impl="rbg" if name in RBG else None)
 
   def make(n):
     return jax.jit(functools.partial(sample, cfg, max_new_tokens=n, temperature=1.0,
-                                     greedy=greedy, stop_tokens=(), cache_size=cache_size))
+                                     greedy=greedy, stop_tokens=(), cache_size=cache_size,
+                                     group_size=group, shared_prefix_attention=cascade))
 
   full = make(new_tokens)
   t0 = time.perf_counter()
@@ -99,15 +107,19 @@ def run_variant(args, name, size, prompt_len, new_tokens, floors):
                             repeats=args.repeats)
   res = {"variant": name, "batch": batch, "param_dtype": param_dtype, "attention_impl": attn,
          "greedy": greedy, "key_impl": "rbg" if name in RBG else "threefry",
-         "decode_matmul": cfg.decode_matmul,
+         "decode_matmul": cfg.decode_matmul, "group_size": group,
+         "shared_prefix_attention": cascade,
          "cache_size": cache_size or prompt_len + new_tokens,
          "full": common.summarize(times), "first_call_s": first_call_s}
   t_full = res["full"]["median_s"]
   res["tokens_per_s"] = batch * new_tokens / t_full
   res["step_ms_upper"] = t_full / new_tokens * 1e3  # prefill included: an upper bound
   avg_len = prompt_len + (new_tokens + 1) / 2
-  ideal_bytes = (common.param_bytes(cfg, 2)
-                 + batch * avg_len * common.kv_bytes_per_token(cfg, 2))
+  # K/V read per step: each row's prompt and filled completion; with cascade
+  # attention a prompt's K/V once per group.
+  prompt_reads = batch // group if cascade else batch
+  ideal_bytes = (common.param_bytes(cfg, 2) + common.kv_bytes_per_token(cfg, 2) * (
+      prompt_reads * prompt_len + batch * (avg_len - prompt_len)))
   res["ideal_bytes_per_step"] = ideal_bytes
   res["full_cache_bytes_per_step"] = (common.param_bytes(cfg, 2) + batch * (
       prompt_len + new_tokens) * common.kv_bytes_per_token(cfg, 2))

@@ -7,7 +7,10 @@ Everything has static shapes and runs inside one jit (the RL step's too):
              [R, P] and the output has B = R·G rows (row r·G + g is sample g
              of prompt r, the `jnp.repeat` order); the prompt's KV cache is
              computed on R rows and copied to its G rows
-             (`decoder.cache_expand`), so a group's prompt costs one prefill.
+             (`decoder.cache_expand`), so a group's prompt costs one prefill;
+             with `shared_prefix_attention` the copy is never made and each
+             decode step reads a prompt's K/V once per group
+             (`models.shared_prefix`, cascade attention).
   DECODE     `lax.while_loop`s over a preallocated per-layer KV cache.
              Compaction (`compaction_min_rows` > 0): the batch runs in
              buckets of B, B/2, B/4, ... rows. When the live rows of a bucket
@@ -54,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_llm.models import decoder
+from jaxrl_llm.models import decoder, shared_prefix
 from jaxrl_llm.models.config import ModelConfig
 
 _NEG_INF = -1e30
@@ -246,26 +249,45 @@ def bucket_sizes(batch: int, compaction_min_rows: int) -> tuple[int, ...]:
 
 
 def prefill(cfg: ModelConfig, params, prompt_tokens_RP: jax.Array, prompt_mask_RP: jax.Array,
-            *, cache_size: int, group_size: int = 1, cache_dtype: Optional[str] = None):
+            *, cache_size: int, group_size: int = 1, cache_dtype: Optional[str] = None,
+            shared_prefix_attention: bool = False):
   """Run left-padded prompts once into a fresh KV cache of `cache_size` slots.
 
   Returns (logits_BV of the next token, cache, prompt_len_B) for B = R·G rows:
   with `group_size` G > 1 each prompt's cache is computed once and copied to
-  its G rows (`decoder.cache_expand`). Only the last position is unembedded.
+  its G rows (`decoder.cache_expand`), or, with `shared_prefix_attention`,
+  kept once per group (`shared_prefix.SharedPrefixCache`, cache_size − P
+  completion slots per row). Only the last position is unembedded.
   """
   R, P = prompt_tokens_RP.shape
   G = int(group_size)
   prompt_mask_RP = prompt_mask_RP.astype(bool)
   prompt_len_R = jnp.sum(prompt_mask_RP, axis=1).astype(jnp.int32)
   positions_RP = jnp.maximum(jnp.cumsum(prompt_mask_RP, axis=1) - 1, 0)
-  cache = decoder.init_cache(cfg, R, cache_size if G == 1 else P, cache_dtype)
+  one_copy = G > 1 or shared_prefix_attention
+  cache = decoder.init_cache(cfg, R, P if one_copy else cache_size, cache_dtype)
   h_RPD, cache = decoder.forward_with_cache(cfg, params, prompt_tokens_RP, positions_RP,
                                             prompt_mask_RP, cache, return_hidden=True)
   logits_RV = decoder.unembed(cfg, params, h_RPD[:, -1:])[:, 0]
-  if G > 1:  # one prompt cache per group, copied to its G rows
+  if shared_prefix_attention:  # one prompt cache per group, attended once per group
+    cache = shared_prefix.from_prompt_cache(cache, prompt_len_R, G, cache_size - P)
+  elif G > 1:  # one prompt cache per group, copied to its G rows
     cache = decoder.cache_expand(cache, G, cache_size)
-    logits_RV = jnp.repeat(logits_RV, G, axis=0)
-  return logits_RV, cache, jnp.repeat(prompt_len_R, G)
+  return jnp.repeat(logits_RV, G, axis=0), cache, jnp.repeat(prompt_len_R, G)
+
+
+def _decode_forward(cfg, params, token_b, positions_b1, live_b, cache):
+  """One decode step of the live and finished rows against either cache kind."""
+  if isinstance(cache, shared_prefix.SharedPrefixCache):
+    return shared_prefix.forward(cfg, params, token_b[:, None], positions_b1, cache)
+  return decoder.forward_with_cache(cfg, params, token_b[:, None], positions_b1,
+                                    live_b[:, None], cache)
+
+
+def _take_rows(cache, rows_b):
+  if isinstance(cache, shared_prefix.SharedPrefixCache):
+    return shared_prefix.take_rows(cache, rows_b)
+  return decoder.cache_take_rows(cache, rows_b)
 
 
 def row_keys(rng: jax.Array, num_rows: int) -> jax.Array:
@@ -333,7 +355,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
            pad_id: int = 0, cache_size: Optional[int] = None,
            cache_dtype: Optional[str] = None,
            logits_processor: Optional[LogitsProcessor] = None, group_size: int = 1,
-           compaction_min_rows: int = 0,
+           compaction_min_rows: int = 0, shared_prefix_attention: bool = False,
            max_len: Union[int, jax.Array, None] = None) -> SampleOutput:
   """Sample up to `max_new_tokens` tokens after left-padded prompts.
 
@@ -352,6 +374,10 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
     logits_processor: `(logits_BV, DecodeContext) -> logits_BV`, applied to
       the float32 logits of every step before temperature / top-k / top-p.
     group_size: G samples per prompt, the prompt prefilled once for all G.
+    shared_prefix_attention: keep one copy of each prompt's K/V for its G
+      rows and read it once per group per decode step (cascade attention,
+      `models.shared_prefix`) instead of a copy per row. Same samples up to
+      float rounding (the softmax is summed in two parts).
     compaction_min_rows: > 0 turns compaction on: the decode batch halves
       whenever half or fewer of its rows are live, down to buckets of this
       many rows (see `bucket_sizes`). 0 keeps the full batch to the end, as
@@ -378,7 +404,8 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
   # PREFILL: each prompt once; only the last position is unembedded.
   logits_RV, cache, prompt_len_B = prefill(cfg, params, prompt_tokens_BP, prompt_mask_BP,
                                            cache_size=cache_size, group_size=G,
-                                           cache_dtype=cache_dtype)
+                                           cache_dtype=cache_dtype,
+                                           shared_prefix_attention=shared_prefix_attention)
   row_keys_B = row_keys(rng, B)
 
   def choose(logits_bV, ctx):
@@ -402,8 +429,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
     finished_B = finished_B.at[write_b].set(stop_b, mode="drop")
     token_b = jnp.where(live_b, token_b, pad_id)
     positions_b1 = (prompt_len_B[row_b] + step)[:, None]
-    logits, cache = decoder.forward_with_cache(cfg, params, token_b[:, None], positions_b1,
-                                               live_b[:, None], cache)
+    logits, cache = _decode_forward(cfg, params, token_b, positions_b1, live_b, cache)
     out = (tokens_BL, logprobs_BL, lengths_B, finished_B)
     return step + 1, row_b, done_b | stop_b, logits[:, 0], cache, out
 
@@ -433,7 +459,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
       step, row_b, done_b, logits_bV, cache, out = carry
       keep = jnp.argsort(done_b, stable=True)[:next_size]
       carry = (step, row_b[keep], done_b[keep], logits_bV[keep],
-               decoder.cache_take_rows(cache, keep), out)
+               _take_rows(cache, keep), out)
   tokens_BL, logprobs_BL, lengths_B, finished_B = carry[-1]
   mask_BL = (jnp.arange(L)[None, :] < lengths_B[:, None]).astype(jnp.float32)
   return SampleOutput(tokens_BL, mask_BL, lengths_B, logprobs_BL, finished_B,

@@ -13,7 +13,7 @@ Shape letters:
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,12 +176,13 @@ def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS, kv_len_B=None):
       key_value_seq_lengths=kv_len_B, implementation=_attention_impl(cfg))
 
 
-def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, kv_fn,
-           kv_len_B=None, lora_dropout_key=None):
+def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, attend_fn,
+           lora_dropout_key=None):
   """One pre-norm block: x + attn(norm(x)); x + mlp(norm(x)).
 
-  `kv_fn(k_BTKH, v_BTKH) -> (k_BSKH, v_BSKH, mask_BTS, aux)` supplies the keys
-  the queries attend to (the same tokens, or a KV cache) and the mask.
+  `attend_fn(q_BTNH, k_BTKH, v_BTKH) -> (attn_BTNH, aux)` attends the new
+  tokens' queries to the keys they see (the same tokens, or a KV cache the
+  new keys are written into) and returns what it stored as `aux`.
   `lora_dropout_key` (training only): this layer's key for the adapters' input
   dropout (`lora.dropout_fn`), one independent mask per projection.
   """
@@ -207,8 +208,7 @@ def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, kv_fn,
   q = apply_rope(q, positions_BT, inv_freq)
   k = apply_rope(k, positions_BT, inv_freq)
   q = constrain(q, ("act_batch", "act_len", "act_heads", None))
-  k_all, v_all, mask_BTS, aux = kv_fn(k, v)
-  attn_BTNH = attention(cfg, q, k_all, v_all, mask_BTS, kv_len_B)
+  attn_BTNH, aux = attend_fn(q, k, v)
   x_BTD = x_BTD + proj("BTNH,NHD->BTD", attn_BTNH, "o")
   x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
 
@@ -286,8 +286,8 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
   mask_BTS = causal_TS[None] & same_BTS & (segment_ids_BT[:, None, :] != 0)
   inv_freq = rope_inv_freq(cfg)
 
-  def kv_fn(k, v):
-    return k, v, mask_BTS, None
+  def attend_fn(q, k, v):
+    return attention(cfg, q, k, v, mask_BTS), None
 
   dropout = (lora_dropout_rng is not None and cfg.lora is not None and cfg.lora.dropout > 0)
   layer_xs = ((params["layers"], jax.random.split(lora_dropout_rng, cfg.num_layers))
@@ -295,7 +295,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
 
   def body(x, xs):
     lp, key = xs
-    x, _ = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn, lora_dropout_key=key)
+    x, _ = _layer(cfg, lp, x, positions_BT, inv_freq, attend_fn, lora_dropout_key=key)
     return x, None
 
   x, _ = _scan_layers(cfg, _maybe_remat(cfg, body), embed(cfg, params, tokens_BT), layer_xs)
@@ -406,26 +406,45 @@ def forward_with_cache(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
   query_slot_T = index + jnp.arange(T)
   mask_BTS = valid_BS[:, None, :] & (slot_S[None, None, :] <= query_slot_T[None, :, None])
   filled_B = jnp.full((B,), index + T, jnp.int32)  # slots past the filled prefix: unread
+
+  def attend_fn(k_cache, v_cache):
+    def attend(q, k, v):
+      kc = write_slots(k_cache, k, index)
+      vc = write_slots(v_cache, v, index)
+      attn = attention(cfg, q, kc.astype(cfg.compute_dtype), vc.astype(cfg.compute_dtype),
+                       mask_BTS, filled_B)
+      return attn, (kc, vc)
+    return attend
+
+  out, kv = run_layers(cfg, params, tokens_BT, positions_BT,
+                       [attend_fn(*kv) for kv in zip(cache["k"], cache["v"], strict=True)],
+                       return_hidden=return_hidden)
+  new_cache = {"k": tuple(kc for kc, _ in kv), "v": tuple(vc for _, vc in kv),
+               "valid": valid_BS, "index": index + T}
+  return out, new_cache
+
+
+def write_slots(cache_BSKH: jax.Array, new_BTKH: jax.Array, index) -> jax.Array:
+  """The cache with slots [index, index + T) of every row replaced by `new`."""
+  zero = jnp.zeros((), jnp.int32)
+  return jax.lax.dynamic_update_slice(cache_BSKH, new_BTKH.astype(cache_BSKH.dtype),
+                                      (zero, index, zero, zero))
+
+
+def run_layers(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
+               attend_fns: Sequence[Callable], *, return_hidden: bool = False):
+  """Embedding, the unrolled layers (layer i attends through `attend_fns[i]`, see
+  `_layer`), final norm and unembedding; returns (logits or hidden states, the
+  layers' attention aux outputs). `params` may be stored or `decode_params`."""
   inv_freq = rope_inv_freq(cfg)
   params = decode_params(cfg, params)
-  layers = params["layers"]
-
   x = embed(cfg, params, tokens_BT)
-  new_k, new_v = [], []
-  for lp, k_cache, v_cache in zip(layers, cache["k"], cache["v"], strict=True):
-
-    def kv_fn(k, v, k_cache=k_cache, v_cache=v_cache):
-      zero = jnp.zeros((), jnp.int32)
-      kc = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, index, zero, zero))
-      vc = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, index, zero, zero))
-      return kc.astype(cfg.compute_dtype), vc.astype(cfg.compute_dtype), mask_BTS, (kc, vc)
-
-    x, (kc, vc) = _layer(cfg, lp, x, positions_BT, inv_freq, kv_fn, filled_B)
-    new_k.append(kc)
-    new_v.append(vc)
+  auxes = []
+  for lp, attend in zip(params["layers"], attend_fns, strict=True):
+    x, aux = _layer(cfg, lp, x, positions_BT, inv_freq, attend)
+    auxes.append(aux)
   h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-  new_cache = {"k": tuple(new_k), "v": tuple(new_v), "valid": valid_BS, "index": index + T}
-  return (h if return_hidden else unembed(cfg, params, h)), new_cache
+  return (h if return_hidden else unembed(cfg, params, h)), auxes
 
 
 @functools.partial(jax.named_call, name="token_logprobs")
