@@ -394,6 +394,9 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
   cache_size = cache_size or P + max_new_tokens
   _validate(prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperature, top_k, top_p,
             cache_size, group_size, compaction_min_rows, max_len)
+  if not isinstance(shared_prefix_attention, (bool, np.bool_)):
+    raise ValueError("shared_prefix_attention must be a Python bool (a static argument "
+                     f"under jit), got {type(shared_prefix_attention).__name__}")
   G = int(group_size)
   B, L = R * G, max_new_tokens
   stop_ids = jnp.asarray(tuple(stop_tokens) or (-1,), jnp.int32)

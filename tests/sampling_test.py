@@ -111,7 +111,7 @@ def test_prompt_longer_than_cache_is_a_clear_error():
 # The rollout engine: shared-prefix prefill, compaction, budget, processors.
 # ---------------------------------------------------------------------------
 _ENGINE_STATIC = ("max_new_tokens", "greedy", "temperature", "stop_tokens", "group_size",
-                  "compaction_min_rows", "logits_processor", "top_k")
+                  "compaction_min_rows", "logits_processor", "top_k", "shared_prefix_attention")
 
 
 @functools.partial(jax.jit, static_argnames=_ENGINE_STATIC)
@@ -202,14 +202,17 @@ def _no_repeat(logits_BV, ctx):
   return jnp.where(ban_BV, -1e30, logits_BV)
 
 
-@pytest.mark.parametrize("greedy", [False, True])
-def test_compaction_equals_full_batch_decode(greedy):
+@pytest.mark.parametrize("greedy,cascade", [(False, False), (True, False), (False, True)])
+def test_compaction_equals_full_batch_decode(greedy, cascade):
+  """Compaction on vs off (and, with `cascade`, compaction on with the prompt's
+  K/V kept once per group, `shared_prefix_attention`) give the same samples."""
   toks, mask = _prompts()
   proc = sampling.chain(sampling.force_lengths(LENGTHS, EOS_ID), _no_repeat)
   kw = dict(max_new_tokens=8, stop_tokens=(EOS_ID,), group_size=4, greedy=greedy,
             logits_processor=proc)
   full = _engine(PARAMS, toks, mask, jax.random.key(4), **kw)
-  compact = _engine(PARAMS, toks, mask, jax.random.key(4), compaction_min_rows=1, **kw)
+  compact = _engine(PARAMS, toks, mask, jax.random.key(4), compaction_min_rows=1,
+                    shared_prefix_attention=cascade, **kw)
   _assert_same_samples(full, compact)
   np.testing.assert_array_equal(full.lengths_B, LENGTHS)
   # Buckets 8, 4, 2, 1: 8 rows until 4 are done (step 4), 4 until 6 are done
@@ -238,15 +241,17 @@ def test_budget_stops_decoding_and_equals_the_cut_full_decode():
     assert int(jnp.sum(cut.bucket_steps)) == budget  # no decode step past the budget
 
 
-def test_sharded_engine_equals_one_device():
+@pytest.mark.parametrize("cascade", [False, True])
+def test_sharded_engine_equals_one_device(cascade):
   from jaxrl_llm import sharding
   from jaxrl_llm.train_state import param_shardings
   toks, mask = _prompts()
   toks, mask = jnp.tile(toks, (2, 1)), jnp.tile(mask, (2, 1))  # 4 prompts x G=4 = 16 rows
   lengths = np.concatenate([LENGTHS, LENGTHS[::-1]])
   kw = dict(max_new_tokens=8, stop_tokens=(EOS_ID,), group_size=4, compaction_min_rows=4,
-            logits_processor=sampling.force_lengths(lengths, EOS_ID))
-  one = _engine(PARAMS, toks, mask, jax.random.key(6), **kw)
+            logits_processor=sampling.force_lengths(lengths, EOS_ID),
+            shared_prefix_attention=cascade)
+  one = _engine(PARAMS, toks, mask, jax.random.key(6), **dict(kw, shared_prefix_attention=False))
   mesh = sharding.make_mesh(sharding.MeshConfig((2, 2, 2)))
   params = jax.device_put(PARAMS, param_shardings(CFG, mesh))
 
