@@ -197,9 +197,13 @@ def test_rollout_engine_equals_plain_sampler():
                                       rollout_compaction_min_rows=0), processor=force)
   engine = _rollout(rl_config.RLConfig(group_size=4, max_new_tokens=7,
                                        rollout_compaction_min_rows=2), processor=force)
+  cascade = _rollout(rl_config.RLConfig(group_size=4, max_new_tokens=7,
+                                        rollout_compaction_min_rows=2,
+                                        rollout_shared_prefix_attention=True), processor=force)
   np.testing.assert_array_equal(plain["lengths"], FORCED)
   for k in RO_KEYS:
     np.testing.assert_allclose(engine[k], plain[k], atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(cascade[k], plain[k], atol=1e-5, err_msg=k)
   np.testing.assert_array_equal(engine["prompt_tokens"], np.repeat(make_batch()["prompt_tokens"],
                                                                    4, axis=0))
 
@@ -244,3 +248,10 @@ def test_config_logits_constraints_reach_the_rollout():
 def test_rollout_config_errors(field, value, msg):
   with pytest.raises(ValueError, match=msg):
     rl_config.RLConfig(max_new_tokens=8, **{field: value})
+
+
+def test_shared_prefix_attention_needs_the_shared_prefill_and_one_turn():
+  with pytest.raises(ValueError, match="needs rollout_shared_prefix=True"):
+    rl_config.RLConfig(rollout_shared_prefix=False, rollout_shared_prefix_attention=True)
+  with pytest.raises(ValueError, match="single-turn rollouts"):
+    rl_config.RLConfig(rollout_shared_prefix_attention=True, multiturn={"enabled": True})

@@ -56,6 +56,9 @@ class RLConfig:
   top_p: float = 1.0
   # ROLLOUT ENGINE (jaxrl_llm.sampling)
   rollout_shared_prefix: bool = True     # prefill each prompt once for its G samples
+  # ... and keep its K/V once per group, read once per group per decode step
+  # (cascade attention, jaxrl_llm.models.shared_prefix). Single-turn rollouts.
+  rollout_shared_prefix_attention: bool = False
   # Halve the decode batch whenever half its rows have finished, down to this
   # many rows (0: off). Below ~64 rows a decode step mostly reads the weights,
   # so smaller buckets gain little and each bucket is one more compiled loop.
@@ -146,6 +149,9 @@ class RLConfig:
     check(self.temperature > 0, "temperature", "must be > 0")
     for name in ("banned_tokens", "forced_prefix"):
       object.__setattr__(self, name, _token_ids(name, getattr(self, name)))
+    check(not self.rollout_shared_prefix_attention or self.rollout_shared_prefix,
+          "rollout_shared_prefix_attention", "needs rollout_shared_prefix=True (the prompt "
+          "prefilled once per group)")
     check(self.rollout_compaction_min_rows >= 0, "rollout_compaction_min_rows",
           "must be >= 0 (0 turns compaction off)")
     check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
@@ -233,6 +239,9 @@ class RLConfig:
             "dr_grpo, rloo or another critic-free estimator")
       check(self.max_len_schedule == "none", "max_len_schedule", "is not supported with "
             "rl.multiturn; the per-turn budget is rl.multiturn.turn_tokens")
+      check(not self.rollout_shared_prefix_attention, "rollout_shared_prefix_attention",
+            "is for single-turn rollouts; the multi-turn loop keeps a copy per row: set it "
+            "to False with rl.multiturn.enabled")
     if self.off_policy.correction in ("tis", "mis"):
       check(self.tis_cap == 0, "tis_cap", "is set together with rl.off_policy.correction="
             f"{self.off_policy.correction!r}: use one of them (rl.off_policy.is_cap is its C)")

@@ -121,7 +121,9 @@ class RLStep:
   def rollout(self, params, batch: Mapping[str, jax.Array], rng, step) -> dict:
     """G completions per prompt; returns per-completion arrays (B rows).
 
-    Each prompt is prefilled once for its G samples (`rollout_shared_prefix`),
+    Each prompt is prefilled once for its G samples (`rollout_shared_prefix`;
+    with `rollout_shared_prefix_attention` its K/V is also kept and read once
+    per group),
     finished rows are compacted away (`rollout_compaction_min_rows`) and a
     length schedule's budget stops the decode at that step's budget: the
     completions are those of a plain sampler over the repeated prompts, cut
@@ -143,7 +145,8 @@ class RLStep:
         max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
         top_p=rl.top_p, stop_tokens=(self.eos_id,), pad_id=self.pad_id,
         logits_processor=processor, group_size=rl.group_size if shared else 1,
-        compaction_min_rows=rl.rollout_compaction_min_rows, max_len=budget)
+        compaction_min_rows=rl.rollout_compaction_min_rows, max_len=budget,
+        shared_prefix_attention=shared and rl.rollout_shared_prefix_attention)
     ro = dict(rows, completion=out.tokens_BL, completion_mask=out.mask_BL,
               sampler_logp=out.logprobs_BL, finished=out.finished_B, lengths=out.lengths_B)
     if rl.advantage == "remax":
