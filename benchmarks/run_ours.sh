@@ -94,7 +94,8 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       run 100 benchmarks.profile_decode --batches 64 ;;
     w1)
       run 200 benchmarks.w1_grpo_step --repeats 3
-      run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample ;;
+      run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample
+      run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix_attention 1 --tag cascade ;;
   esac
   "$PY" -m benchmarks.report "$REC" $SMOKE
 } 2>&1 | tee "$RESULTS_DIR/log_ours_$PLAN.txt"

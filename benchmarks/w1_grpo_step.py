@@ -49,6 +49,9 @@ def main():
   p.add_argument("--shared_prefix", type=int, default=1,
                  help="1: prefill each prompt once for its G samples (the default "
                       "rollout); 0: once per sample (the static sampler)")
+  p.add_argument("--shared_prefix_attention", type=int, default=0,
+                 help="1: also keep each prompt's K/V once per group and read it once per "
+                      "group per decode step (rl.rollout_shared_prefix_attention)")
   args = p.parse_args()
   if args.smoke:
     size, R, G, P, L = "smoke", 4, 4, 16, 8
@@ -60,7 +63,8 @@ def main():
                              attention_impl=args.attention_impl)
   rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
                              microbatches=micro, logprob_chunk=args.logprob_chunk,
-                             rollout_shared_prefix=bool(args.shared_prefix))
+                             rollout_shared_prefix=bool(args.shared_prefix),
+                             rollout_shared_prefix_attention=bool(args.shared_prefix_attention))
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
   shape = tuple(int(x) for x in args.mesh.split(","))
   mesh = sharding.make_mesh(sharding.MeshConfig(shape), jax.devices()[:int(np.prod(shape))])
@@ -88,7 +92,8 @@ def main():
   m = jax.device_get(common.block(call()))
   s = common.summarize(times)
   B = R * G
-  variant = "base" if args.shared_prefix else "prefill_per_sample"
+  variant = ("prefill_per_sample" if not args.shared_prefix else
+             "shared_prefix_attention" if args.shared_prefix_attention else "base")
   res = {"variant": variant, "step": s, "sequences_per_s": B / s["median_s"],
          "completion_tokens_per_s": B * L / s["median_s"], "peak_gib": common.peak_gib(),
          "metrics_last": {k: float(v) for k, v in m.items()}}
@@ -97,6 +102,7 @@ def main():
             "remat": args.remat, "logprob_chunk": args.logprob_chunk,
             "attention_impl": args.attention_impl, "param_dtype": "float32",
             "rollout_shared_prefix": bool(args.shared_prefix),
+            "rollout_shared_prefix_attention": bool(args.shared_prefix_attention),
             "dtype": "bfloat16", "reward": "fraction of even token ids", "stop_tokens": "none"}
   common.write_record(args, "w1_grpo_step", config, res)
   common.print_table(f"W1 GRPO step {size}, {R}x{G} seqs, prompt {P}, {L} new",
