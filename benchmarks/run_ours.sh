@@ -18,7 +18,7 @@
 #   decode loop captured as CUDA graphs (CMDBUF_FLAGS: while loops and conditionals
 #   as command buffers).
 # PLAN=decode_gemm: floors, W3 at batch 64 with and without the Pallas decode
-#   matmul (and batch 512, where the model keeps XLA's GEMMs), the kernel
+#   matmul (at batch 512 the model keeps XLA's GEMMs), the kernel
 #   profile of a b64 decode step with and without it, and the decode step's
 #   weight products alone (XLA against the kernel, benchmarks/decode_gemm.py);
 #   W3 at batch 512 as 64 prompts x 8 with and without cascade attention.
@@ -88,10 +88,10 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       run 420 benchmarks.lora_bench --workload w1 --repeats 3
       run 170 benchmarks.w5_ragged_grpo_step --variant engine --tag buckets4 --repeats 3 ;;
     decode_gemm)
-      run 260 benchmarks.w3_decode --variants b64,b64_pallas,b512,b512_g8,b512_g8_cascade --repeats 3
-      run 100 benchmarks.profile_decode --batches 64 --decode_matmul pallas --tag pallas
+      run 230 benchmarks.w3_decode --variants b64,b64_pallas,b512_g8,b512_g8_cascade --repeats 3
+      run 90 benchmarks.profile_decode --batches 64 --decode_matmul pallas --tag pallas
       run 150 benchmarks.decode_gemm
-      run 100 benchmarks.profile_decode --batches 64 ;;
+      run 90 benchmarks.profile_decode --batches 64 ;;
     w1)
       run 200 benchmarks.w1_grpo_step --repeats 3
       run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample
