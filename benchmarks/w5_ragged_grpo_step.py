@@ -14,6 +14,8 @@ Variants (each its own process, `--variant`):
            rollout_compaction_min_rows=0)
   engine   the rollout engine: prefill once per prompt, compaction down to
            64-row buckets (512, 256, 128, 64)
+  engine_cascade   the engine with each prompt's K/V kept and read once per
+           group (rl.rollout_shared_prefix_attention, cascade attention)
 
 Reported: step s (the one-jit RL step), rollout s (`RLStep.rollout` alone,
 jitted), useful tokens/s (Σ n_i over each), and the ideal rollout time:
@@ -43,9 +45,12 @@ from jaxrl_llm.rl import rl_step as rls
 from jaxrl_llm.train_state import create_train_state
 
 EOS_ID = 2
-VARIANTS = {  # name -> (rollout_shared_prefix, rollout_compaction_min_rows)
-    "static": (False, 0),
-    "engine": (True, 64),
+VARIANTS = {  # name -> (rollout_shared_prefix, rollout_compaction_min_rows, cascade attention)
+    "static": (False, 0, False),
+    "engine": (True, 64, False),
+    # the engine with each prompt's K/V kept and read once per group
+    # (rl.rollout_shared_prefix_attention)
+    "engine_cascade": (True, 64, True),
 }
 
 
@@ -102,7 +107,7 @@ def main():
     size, R, G, P, L, micro, min_rows = "smoke", 4, 4, 16, 32, 2, 4
   else:
     size, R, G, P, L, micro, min_rows = "0.5b", 64, 8, 256, 1024, args.microbatches, 64
-  shared, compaction = VARIANTS[args.variant]
+  shared, compaction, cascade = VARIANTS[args.variant]
   compaction = min_rows if compaction else 0
   B = R * G
   forced = ragged_lengths(B, L, median=150.0 if not args.smoke else 6.0)
@@ -112,6 +117,7 @@ def main():
                              microbatches=micro, logprob_chunk=args.logprob_chunk,
                              rollout_shared_prefix=shared,
                              rollout_compaction_min_rows=compaction,
+                             rollout_shared_prefix_attention=cascade,
                              length_buckets=args.length_buckets)
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
   mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
@@ -127,6 +133,7 @@ def main():
   batch = sharding.shard_batch(batch, mesh)
   useful = int(lengths.sum())
   res = {"variant": args.variant, "rollout_shared_prefix": shared,
+         "rollout_shared_prefix_attention": cascade,
          "length_buckets": args.length_buckets,
          "rollout_compaction_min_rows": compaction, "useful_tokens": useful,
          "lengths": {"median": float(np.median(lengths)), "mean": float(lengths.mean()),
