@@ -14,7 +14,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # Weight products of a decode step (one token per row): XLA's GEMM, or the Pallas
 # decode matmul (jaxrl_llm/decode_matmul.py; GPU, one device per model replica);
-# "pallas_interpret" runs that kernel through the Pallas interpreter (tests).
+# "pallas_interpret" runs that kernel through the Pallas interpreter (tests). On an
+# H100 it made W3's b64 step 7.6 % slower than XLA's fused GEMMs (BENCHMARKS.md,
+# 2026-12-07), so "xla" is the default.
 DECODE_MATMULS = ("xla", "pallas", "pallas_interpret")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 

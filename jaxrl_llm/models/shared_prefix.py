@@ -25,6 +25,11 @@ prompt's K/V is read once per group per step instead of G times. Rotary
 positions are explicit, so moving the prompt to the front of its slots
 changes nothing.
 
+Timed on an H100 (BENCHMARKS.md, 2026-12-07): at W3's batch 512 as 64
+prompts × 8 the decode step was 9.8 % slower with it (4.37 against 3.98 ms),
+though it reads 1.4 GB less K/V per step, so `rl.rollout_shared_prefix_attention`
+is off by default.
+
 Rows stay in their output order or a compacted subset of it (`take_rows`):
 `row_b` is each decode row's output row, and output row i is sample i mod G
 of prompt i // G (the `jnp.repeat` order), so its query goes to slot
