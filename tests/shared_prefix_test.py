@@ -80,3 +80,22 @@ def test_forward_refuses_more_than_one_token():
   with pytest.raises(ValueError, match="one token per row"):
     shared_prefix.forward(cfg, params, jnp.zeros((2, 2), jnp.int32),
                           jnp.zeros((2, 2), jnp.int32), cache)
+
+
+def test_rows_in_order_reshape_equals_the_scatter_and_compaction_clears_it():
+  cfg = tiny_config("qwen3")
+  kq, kp, kv, ks, kt = jax.random.split(jax.random.key(1), 5)
+  R, G, P, L, K, N, H = 2, 3, 5, 4, cfg.num_kv_heads, cfg.num_heads, cfg.resolved_head_dim
+  q = jax.random.normal(kq, (R * G, 1, N, H))
+  prefix_k, prefix_v = jax.random.normal(kp, (R, P, K, H)), jax.random.normal(kv, (R, P, K, H))
+  k, v = jax.random.normal(ks, (R * G, L, K, H)), jax.random.normal(kt, (R * G, L, K, H))
+  args = (cfg, q, prefix_k, prefix_v, jnp.array([3, 5]), k, v, 2, jnp.arange(R * G), G)
+  np.testing.assert_allclose(shared_prefix.cascade_attention(*args, rows_in_order=True),
+                             shared_prefix.cascade_attention(*args, rows_in_order=False),
+                             atol=1e-6)
+  params = tiny_params(cfg)
+  toks = jnp.array([[3, 4]], jnp.int32)
+  _, cache, _ = sampling.prefill(cfg, params, toks, jnp.ones_like(toks), cache_size=6,
+                                 group_size=2, shared_prefix_attention=True)
+  assert cache.rows_in_order
+  assert not shared_prefix.take_rows(cache, jnp.array([1])).rows_in_order

@@ -34,6 +34,8 @@ Rows stay in their output order or a compacted subset of it (`take_rows`):
 `row_b` is each decode row's output row, and output row i is sample i mod G
 of prompt i // G (the `jnp.repeat` order), so its query goes to slot
 (i // G, i mod G) of the prefix pass. Slots of finished rows stay empty.
+Until the first compaction every row is present and in order
+(`rows_in_order`), and those slots are a reshape: no scatter, no gather.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from jaxrl_llm.models.config import ModelConfig
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["prefix_k", "prefix_v", "prefix_len_R", "k", "v", "row_b",
                                 "index"],
-                   meta_fields=["group_size"])
+                   meta_fields=["group_size", "rows_in_order"])
 @dataclasses.dataclass(frozen=True)
 class SharedPrefixCache:
   prefix_k: tuple        # per layer [R, P, K, H]
@@ -62,6 +64,9 @@ class SharedPrefixCache:
   row_b: jax.Array       # int32 [b]: each decode row's output row
   index: jax.Array       # int32 scalar: the next completion slot
   group_size: int        # G (static)
+  # (static) row_b is arange(R·G): every output row, in order (before any
+  # compaction), so the queries reshape into group slots with no scatter
+  rows_in_order: bool = True
 
 
 def from_prompt_cache(cache_RP: dict, prompt_len_R: jax.Array, group_size: int,
@@ -90,7 +95,7 @@ def take_rows(cache: SharedPrefixCache, rows_b: jax.Array) -> SharedPrefixCache:
   the prefix is shared and stays whole."""
   take = lambda x: jnp.take(x, rows_b, axis=0)
   return dataclasses.replace(cache, k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
-                             row_b=take(cache.row_b))
+                             row_b=take(cache.row_b), rows_in_order=False)
 
 
 def merge(o_a: jax.Array, lse_a: jax.Array, o_b: jax.Array, lse_b: jax.Array) -> jax.Array:
@@ -110,16 +115,24 @@ def _attend(cfg: ModelConfig, q, k, v, kv_len):
 
 
 def cascade_attention(cfg: ModelConfig, q_b1NH, prefix_k, prefix_v, prefix_len_R,
-                      k_bLKH, v_bLKH, filled, row_b, group_size: int):
+                      k_bLKH, v_bLKH, filled, row_b, group_size: int,
+                      rows_in_order: bool = False):
   """One decode token's attention to its group's prompt and its own completion
-  (the first `filled` completion slots); see the module docstring."""
+  (the first `filled` completion slots); see the module docstring.
+  `rows_in_order` (static): row_b is arange(R·G), so the group slots are a reshape."""
   b, _, N, H = q_b1NH.shape
   R = prefix_k.shape[0]
   G = group_size
-  q_slots = jnp.zeros((R * G, N, H), q_b1NH.dtype).at[row_b].set(q_b1NH[:, 0])
+  if rows_in_order:
+    q_slots = q_b1NH.reshape(R, G, N, H)
+  else:
+    q_slots = jnp.zeros((R * G, N, H), q_b1NH.dtype).at[row_b].set(q_b1NH[:, 0])
   o_pre, lse_pre = _attend(cfg, q_slots.reshape(R, G, N, H), prefix_k, prefix_v, prefix_len_R)
-  o_pre_b = o_pre.reshape(R * G, N, H)[row_b][:, None]
-  lse_pre_b = lse_pre.reshape(R * G, N)[row_b][:, None]
+  if rows_in_order:
+    o_pre_b, lse_pre_b = o_pre.reshape(b, 1, N, H), lse_pre.reshape(b, 1, N)
+  else:
+    o_pre_b = o_pre.reshape(R * G, N, H)[row_b][:, None]
+    lse_pre_b = lse_pre.reshape(R * G, N)[row_b][:, None]
   o_suf, lse_suf = _attend(cfg, q_b1NH, k_bLKH, v_bLKH, jnp.full((b,), filled, jnp.int32))
   return merge(o_pre_b, lse_pre_b, o_suf, lse_suf)
 
@@ -139,7 +152,7 @@ def forward(cfg: ModelConfig, params, tokens_b1: jax.Array, positions_b1: jax.Ar
       vc = decoder.write_slots(v_cache, v, index)
       attn = cascade_attention(cfg, q, prefix_k.astype(dt), prefix_v.astype(dt),
                                cache.prefix_len_R, kc.astype(dt), vc.astype(dt), index + 1,
-                               cache.row_b, cache.group_size)
+                               cache.row_b, cache.group_size, cache.rows_in_order)
       return attn, (kc, vc)
     return attend
 
