@@ -16,6 +16,8 @@ kernels run once, or once per layer); per decode step:
 
   python -m benchmarks.profile_decode [--batches 64,512] [--steps 64] [--smoke]
       [--decode_matmul xla|pallas]   (the layers' decode products, ModelConfig.decode_matmul)
+      [--group_size G] [--shared_prefix_attention 0|1]   (batch/G prompts, G samples each;
+                                       with 1 the prompt's K/V kept once per group)
 """
 
 from __future__ import annotations
@@ -75,17 +77,22 @@ def profile_once(fn, trace_dir: str):
 
 
 def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
-                  decode_matmul: str = "xla") -> dict:
+                  decode_matmul: str = "xla", group_size: int = 1,
+                  shared_prefix_attention: bool = False) -> dict:
   cfg = dataclasses.replace(common.qwen25_config(size, param_dtype="bfloat16"),
                             decode_matmul=decode_matmul)
   params = decoder.init_params(cfg, jax.random.key(0))
-  prompt = jnp.asarray(common.random_tokens(np.random.default_rng(0), (batch, prompt_len),
-                                            cfg.vocab_size))
+  if batch % group_size:
+    raise ValueError(f"batch {batch} is not a multiple of --group_size {group_size}")
+  prompt = jnp.asarray(common.random_tokens(np.random.default_rng(0),
+                                            (batch // group_size, prompt_len), cfg.vocab_size))
   mask, key = jnp.ones_like(prompt), jax.random.key(1)
 
   def run(n):
     fn = jax.jit(functools.partial(sample, cfg, max_new_tokens=n, temperature=1.0,
-                                   stop_tokens=(), cache_size=prompt_len + steps))
+                                   stop_tokens=(), cache_size=prompt_len + steps,
+                                   group_size=group_size,
+                                   shared_prefix_attention=shared_prefix_attention))
     with tempfile.TemporaryDirectory() as d:
       return profile_once(lambda: fn(params, prompt, mask, key), d)
 
@@ -100,6 +107,7 @@ def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
   wall_ms = (wall_long - wall_short) / (steps - 1) * 1e3
   ranked = sorted(per_step.items(), key=lambda kv: -kv[1][1])
   return {"batch": batch, "steps": steps, "decode_matmul": decode_matmul,
+          "group_size": group_size, "shared_prefix_attention": shared_prefix_attention,
           "wall_ms": wall_ms, "kernel_ms": kernel_ms,
           "busy_fraction": kernel_ms / wall_ms if wall_ms > 0 else None,
           "kernels_per_step": sum(c for c, _ in per_step.values()),
@@ -114,6 +122,8 @@ def main():
   p.add_argument("--steps", type=int, default=64)
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--decode_matmul", default="xla", choices=["xla", "pallas"])
+  p.add_argument("--group_size", type=int, default=1)
+  p.add_argument("--shared_prefix_attention", type=int, default=0, choices=[0, 1])
   args = p.parse_args()
   decode_matmul = args.decode_matmul
   if decode_matmul == "pallas" and jax.default_backend() != "gpu":
@@ -122,8 +132,9 @@ def main():
   steps = min(args.steps, 8) if args.smoke else args.steps
   results = []
   for b in (int(x) for x in args.batches.split(",")):
-    r = profile_batch(min(b, 4) if args.smoke else b, steps, size, prompt_len, args.top,
-                      decode_matmul)
+    r = profile_batch(min(b, 4 * args.group_size) if args.smoke else b, steps, size,
+                      prompt_len, args.top, decode_matmul, args.group_size,
+                      bool(args.shared_prefix_attention))
     results.append(r)
     print(f"batch {r['batch']}: wall {r['wall_ms']:.3f} ms/step, kernels "
           f"{r['kernel_ms']:.3f} ms/step (busy {r['busy_fraction']:.2f}), "
@@ -133,7 +144,10 @@ def main():
                         for k in r["top"]])
     jax.clear_caches()
   common.write_record(args, "profile_decode", {"size": size, "prompt_len": prompt_len,
-                                               "steps": steps, "decode_matmul": decode_matmul},
+                                               "steps": steps, "decode_matmul": decode_matmul,
+                                               "group_size": args.group_size,
+                                               "shared_prefix_attention":
+                                               bool(args.shared_prefix_attention)},
                       results)
 
 

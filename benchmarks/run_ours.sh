@@ -22,6 +22,8 @@
 #   profile of a b64 decode step with and without it, and the decode step's
 #   weight products alone (XLA against the kernel, benchmarks/decode_gemm.py);
 #   W3 at batch 512 as 64 prompts x 8 with and without cascade attention.
+# PLAN=cascade: floors, W3 at batch 512 as 64 prompts x 8 with and without
+#   cascade attention, and the kernel profile of both steps.
 # Compilations share XLA's per-fusion autotuning results through a persistent
 # cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/jax_cache): the W5 step reuses
 # what its rollout compile tuned. Timed calls are unaffected.
@@ -92,6 +94,10 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       run 90 benchmarks.profile_decode --batches 64 --decode_matmul pallas --tag pallas
       run 150 benchmarks.decode_gemm
       run 90 benchmarks.profile_decode --batches 64 ;;
+    cascade)
+      run 150 benchmarks.w3_decode --variants b512_g8,b512_g8_cascade --repeats 3
+      run 120 benchmarks.profile_decode --batches 512 --group_size 8 --shared_prefix_attention 1 --tag cascade
+      run 120 benchmarks.profile_decode --batches 512 --group_size 8 --tag g8 ;;
     w1)
       run 200 benchmarks.w1_grpo_step --repeats 3
       run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample
