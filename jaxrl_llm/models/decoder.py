@@ -164,16 +164,20 @@ def _attention_impl(cfg: ModelConfig) -> Optional[str]:
   return "xla"
 
 
-def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS, kv_len_B=None):
+def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, kv_len_B=None, *,
+              return_residual: bool = False):
   """Grouped-query softmax attention through `jax.nn.dot_product_attention`.
 
   `kv_len_B` (optional) bounds the key slots that can be attended, [0,
-  kv_len): the mask already excludes the rest, and the fused GPU kernel then
-  skips reading them (the empty tail of a preallocated KV cache).
+  kv_len): the mask (None: every slot below kv_len) already excludes the
+  rest, and the fused GPU kernel then skips reading them (the empty tail of
+  a preallocated KV cache). `return_residual`: also the log-sum-exp of each
+  query's scores, lse_BTN (`shared_prefix.merge`).
   """
   return jax.nn.dot_product_attention(
-      q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None, :, :],
-      key_value_seq_lengths=kv_len_B, implementation=_attention_impl(cfg))
+      q_BTNH, k_BSKH, v_BSKH, mask=None if mask_BTS is None else mask_BTS[:, None, :, :],
+      key_value_seq_lengths=kv_len_B, implementation=_attention_impl(cfg),
+      return_residual=return_residual)
 
 
 def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, attend_fn,

@@ -108,12 +108,6 @@ def merge(o_a: jax.Array, lse_a: jax.Array, o_b: jax.Array, lse_b: jax.Array) ->
   return o.astype(o_a.dtype)
 
 
-def _attend(cfg: ModelConfig, q, k, v, kv_len):
-  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len,
-                                      implementation=decoder._attention_impl(cfg),
-                                      return_residual=True)
-
-
 def cascade_attention(cfg: ModelConfig, q_b1NH, prefix_k, prefix_v, prefix_len_R,
                       k_bLKH, v_bLKH, filled, row_b, group_size: int,
                       rows_in_order: bool = False):
@@ -127,13 +121,16 @@ def cascade_attention(cfg: ModelConfig, q_b1NH, prefix_k, prefix_v, prefix_len_R
     q_slots = q_b1NH.reshape(R, G, N, H)
   else:
     q_slots = jnp.zeros((R * G, N, H), q_b1NH.dtype).at[row_b].set(q_b1NH[:, 0])
-  o_pre, lse_pre = _attend(cfg, q_slots.reshape(R, G, N, H), prefix_k, prefix_v, prefix_len_R)
+  o_pre, lse_pre = decoder.attention(cfg, q_slots.reshape(R, G, N, H), prefix_k, prefix_v,
+                                     kv_len_B=prefix_len_R, return_residual=True)
   if rows_in_order:
     o_pre_b, lse_pre_b = o_pre.reshape(b, 1, N, H), lse_pre.reshape(b, 1, N)
   else:
     o_pre_b = o_pre.reshape(R * G, N, H)[row_b][:, None]
     lse_pre_b = lse_pre.reshape(R * G, N)[row_b][:, None]
-  o_suf, lse_suf = _attend(cfg, q_b1NH, k_bLKH, v_bLKH, jnp.full((b,), filled, jnp.int32))
+  o_suf, lse_suf = decoder.attention(cfg, q_b1NH, k_bLKH, v_bLKH,
+                                     kv_len_B=jnp.full((b,), filled, jnp.int32),
+                                     return_residual=True)
   return merge(o_pre_b, lse_pre_b, o_suf, lse_suf)
 
 
