@@ -270,6 +270,9 @@ def prefill(cfg: ModelConfig, params, prompt_tokens_RP: jax.Array, prompt_mask_R
                                             prompt_mask_RP, cache, return_hidden=True)
   logits_RV = decoder.unembed(cfg, params, h_RPD[:, -1:])[:, 0]
   if shared_prefix_attention:  # one prompt cache per group, attended once per group
+    if cache_size <= P:
+      raise ValueError(f"prefill: cache_size {cache_size} leaves no completion slot after the "
+                       f"{P} prompt slots; give cache_size = prompt length + max new tokens")
     cache = shared_prefix.from_prompt_cache(cache, prompt_len_R, G, cache_size - P)
   elif G > 1:  # one prompt cache per group, copied to its G rows
     cache = decoder.cache_expand(cache, G, cache_size)

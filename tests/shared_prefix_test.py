@@ -71,12 +71,15 @@ def test_samples_equal_the_contiguous_cache(family):
   assert len(np.unique(np.asarray(outs[1].tokens_BL))) > 3  # not a degenerate sample
 
 
-def test_forward_refuses_more_than_one_token():
+def test_errors_name_the_problem():
   cfg = tiny_config("llama")
   params = tiny_params(cfg)
   toks = jnp.array([[3, 4]], jnp.int32)
   _, cache, _ = sampling.prefill(cfg, params, toks, jnp.ones_like(toks), cache_size=6,
                                  group_size=2, shared_prefix_attention=True)
+  with pytest.raises(ValueError, match="leaves no completion slot"):
+    sampling.prefill(cfg, params, toks, jnp.ones_like(toks), cache_size=2, group_size=2,
+                     shared_prefix_attention=True)
   with pytest.raises(ValueError, match="one token per row"):
     shared_prefix.forward(cfg, params, jnp.zeros((2, 2), jnp.int32),
                           jnp.zeros((2, 2), jnp.int32), cache)
