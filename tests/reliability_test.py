@@ -236,8 +236,8 @@ def _flip_a_live_byte(state_dir: pathlib.Path) -> None:
     data_file.write_bytes(bytes(corrupt))
     try:
       restored = raw(state_dir)
-    except ValueError:  # orbax noticed this one: try another offset
-      continue
+    except Exception:  # orbax noticed this one (a ValueError, or its broad Exception
+      continue         # around a failed read): try another offset
     if any(not np.array_equal(a, b) for a, b in zip(clean, restored)):
       return
   raise AssertionError(f"no flipped byte of {data_file} changed the restored state")
