@@ -78,6 +78,12 @@ def attention_flops_fwd(cfg: ModelConfig, batch: int, seq: int) -> float:
   return 0.5 * qk_pv * cfg.num_layers * batch
 
 
+def pallas_decode_matmul() -> str:
+  """`ModelConfig.decode_matmul` for the Pallas kernel on this backend: the
+  compiled kernel on GPU, the Pallas interpreter elsewhere (--smoke)."""
+  return "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
+
+
 def param_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
   return cfg.num_params() * dtype_bytes
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, floors
-from benchmarks.profile_decode import device_kernel_times
+from benchmarks.profile_decode import profile_once
 from jaxrl_llm.decode_matmul import MAX_ROWS, decode_matmul, decode_matmul_ref, tile_config
 
 LAYERS = 24
@@ -64,13 +64,8 @@ def time_product(fn, x, w, args) -> float:
   if jax.default_backend() != "gpu":
     times = common.time_calls(lambda: f(x, w), warmup=1, repeats=args.calls)
     return float(np.median(times)) / len(w)
-  for _ in range(2):  # compile, autotune
-    jax.block_until_ready(f(x, w))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-      for _ in range(args.calls):
-        jax.block_until_ready(f(x, w))
-    totals = device_kernel_times(d)
+  with tempfile.TemporaryDirectory() as d:  # profile_once warms up (compiles) first
+    _, totals = profile_once(lambda: [f(x, w) for _ in range(args.calls)], d)
   return sum(us for _, us in totals.values()) * 1e-6 / args.calls / len(w)
 
 

@@ -125,9 +125,8 @@ def main():
   p.add_argument("--group_size", type=int, default=1)
   p.add_argument("--shared_prefix_attention", type=int, default=0, choices=[0, 1])
   args = p.parse_args()
-  decode_matmul = args.decode_matmul
-  if decode_matmul == "pallas" and jax.default_backend() != "gpu":
-    decode_matmul = "pallas_interpret"
+  decode_matmul = (common.pallas_decode_matmul() if args.decode_matmul == "pallas"
+                   else args.decode_matmul)
   size, prompt_len = ("smoke", 16) if args.smoke else ("0.5b", 256)
   steps = min(args.steps, 8) if args.smoke else args.steps
   results = []

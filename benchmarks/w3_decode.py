@@ -80,8 +80,7 @@ def run_variant(args, name, size, prompt_len, new_tokens, floors):
     batch = min(batch, 4 * group)
   cfg = common.qwen25_config(size, param_dtype=param_dtype, attention_impl=attn)
   if name in PALLAS:
-    cfg = dataclasses.replace(
-        cfg, decode_matmul="pallas" if jax.default_backend() == "gpu" else "pallas_interpret")
+    cfg = dataclasses.replace(cfg, decode_matmul=common.pallas_decode_matmul())
   params = decoder.init_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   if batch % group:

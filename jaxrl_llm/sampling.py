@@ -261,6 +261,9 @@ def prefill(cfg: ModelConfig, params, prompt_tokens_RP: jax.Array, prompt_mask_R
   """
   R, P = prompt_tokens_RP.shape
   G = int(group_size)
+  if shared_prefix_attention and cache_size <= P:
+    raise ValueError(f"prefill: cache_size {cache_size} leaves no completion slot after the "
+                     f"{P} prompt slots; give cache_size = prompt length + max new tokens")
   prompt_mask_RP = prompt_mask_RP.astype(bool)
   prompt_len_R = jnp.sum(prompt_mask_RP, axis=1).astype(jnp.int32)
   positions_RP = jnp.maximum(jnp.cumsum(prompt_mask_RP, axis=1) - 1, 0)
@@ -270,19 +273,16 @@ def prefill(cfg: ModelConfig, params, prompt_tokens_RP: jax.Array, prompt_mask_R
                                             prompt_mask_RP, cache, return_hidden=True)
   logits_RV = decoder.unembed(cfg, params, h_RPD[:, -1:])[:, 0]
   if shared_prefix_attention:  # one prompt cache per group, attended once per group
-    if cache_size <= P:
-      raise ValueError(f"prefill: cache_size {cache_size} leaves no completion slot after the "
-                       f"{P} prompt slots; give cache_size = prompt length + max new tokens")
     cache = shared_prefix.from_prompt_cache(cache, prompt_len_R, G, cache_size - P)
   elif G > 1:  # one prompt cache per group, copied to its G rows
     cache = decoder.cache_expand(cache, G, cache_size)
   return jnp.repeat(logits_RV, G, axis=0), cache, jnp.repeat(prompt_len_R, G)
 
 
-def _decode_forward(cfg, params, token_b, positions_b1, live_b, cache):
+def _decode_forward(cfg, params, token_b, positions_b1, live_b, row_b, cache):
   """One decode step of the live and finished rows against either cache kind."""
   if isinstance(cache, shared_prefix.SharedPrefixCache):
-    return shared_prefix.forward(cfg, params, token_b[:, None], positions_b1, cache)
+    return shared_prefix.forward(cfg, params, token_b[:, None], positions_b1, row_b, cache)
   return decoder.forward_with_cache(cfg, params, token_b[:, None], positions_b1,
                                     live_b[:, None], cache)
 
@@ -435,7 +435,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
     finished_B = finished_B.at[write_b].set(stop_b, mode="drop")
     token_b = jnp.where(live_b, token_b, pad_id)
     positions_b1 = (prompt_len_B[row_b] + step)[:, None]
-    logits, cache = _decode_forward(cfg, params, token_b, positions_b1, live_b, cache)
+    logits, cache = _decode_forward(cfg, params, token_b, positions_b1, live_b, row_b, cache)
     out = (tokens_BL, logprobs_BL, lengths_B, finished_B)
     return step + 1, row_b, done_b | stop_b, logits[:, 0], cache, out
 

@@ -50,7 +50,7 @@ def test_the_cache_keeps_one_prompt_copy_per_group_packed_to_the_front():
   # Prompt 0's 3 tokens sit at slots 2..4 of the left-padded cache, 0..2 here.
   np.testing.assert_array_equal(cache.prefix_k[0][0, :3], plain["k"][0][0, 2:])
   np.testing.assert_array_equal(cache.prefix_v[1][1], plain["v"][1][1])
-  np.testing.assert_array_equal(cache.row_b, np.arange(6))
+  assert cache.rows_in_order  # every output row, in order, until a compaction
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -82,7 +82,7 @@ def test_errors_name_the_problem():
                      shared_prefix_attention=True)
   with pytest.raises(ValueError, match="one token per row"):
     shared_prefix.forward(cfg, params, jnp.zeros((2, 2), jnp.int32),
-                          jnp.zeros((2, 2), jnp.int32), cache)
+                          jnp.zeros((2, 2), jnp.int32), jnp.arange(2), cache)
 
 
 def test_rows_in_order_reshape_equals_the_scatter_and_compaction_clears_it():

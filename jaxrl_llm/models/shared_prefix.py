@@ -31,9 +31,9 @@ though it reads 1.4 GB less K/V per step, so `rl.rollout_shared_prefix_attention
 is off by default.
 
 Rows stay in their output order or a compacted subset of it (`take_rows`):
-`row_b` is each decode row's output row, and output row i is sample i mod G
-of prompt i // G (the `jnp.repeat` order), so its query goes to slot
-(i // G, i mod G) of the prefix pass. Slots of finished rows stay empty.
+the caller passes `row_b`, each decode row's output row. Output row i is
+sample i mod G of prompt i // G (the `jnp.repeat` order), so its query goes
+to slot (i // G, i mod G) of the prefix pass. Slots of finished rows stay empty.
 Until the first compaction every row is present and in order
 (`rows_in_order`), and those slots are a reshape: no scatter, no gather.
 """
@@ -51,8 +51,7 @@ from jaxrl_llm.models.config import ModelConfig
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["prefix_k", "prefix_v", "prefix_len_R", "k", "v", "row_b",
-                                "index"],
+                   data_fields=["prefix_k", "prefix_v", "prefix_len_R", "k", "v", "index"],
                    meta_fields=["group_size", "rows_in_order"])
 @dataclasses.dataclass(frozen=True)
 class SharedPrefixCache:
@@ -61,10 +60,9 @@ class SharedPrefixCache:
   prefix_len_R: jax.Array  # int32 [R]: prompt tokens of each group (slots [0, len))
   k: tuple               # per layer [b, L, K, H]: the decode rows' completions
   v: tuple
-  row_b: jax.Array       # int32 [b]: each decode row's output row
   index: jax.Array       # int32 scalar: the next completion slot
   group_size: int        # G (static)
-  # (static) row_b is arange(R·G): every output row, in order (before any
+  # (static) the decode rows are every output row, in order (before any
   # compaction), so the queries reshape into group slots with no scatter
   rows_in_order: bool = True
 
@@ -86,16 +84,16 @@ def from_prompt_cache(cache_RP: dict, prompt_len_R: jax.Array, group_size: int,
       prefix_k=tuple(map(pack, cache_RP["k"])), prefix_v=tuple(map(pack, cache_RP["v"])),
       prefix_len_R=prompt_len_R.astype(jnp.int32),
       k=tuple(map(empty, cache_RP["k"])), v=tuple(map(empty, cache_RP["v"])),
-      row_b=jnp.arange(B, dtype=jnp.int32), index=jnp.zeros((), jnp.int32),
+      index=jnp.zeros((), jnp.int32),
       group_size=int(group_size))
 
 
 def take_rows(cache: SharedPrefixCache, rows_b: jax.Array) -> SharedPrefixCache:
-  """The decode rows `rows_b` (compaction): their completion K/V and output rows;
-  the prefix is shared and stays whole."""
+  """The decode rows `rows_b` (compaction): their completion K/V; the prefix is
+  shared and stays whole."""
   take = lambda x: jnp.take(x, rows_b, axis=0)
   return dataclasses.replace(cache, k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
-                             row_b=take(cache.row_b), rows_in_order=False)
+                             rows_in_order=False)
 
 
 def merge(o_a: jax.Array, lse_a: jax.Array, o_b: jax.Array, lse_b: jax.Array) -> jax.Array:
@@ -117,10 +115,8 @@ def cascade_attention(cfg: ModelConfig, q_b1NH, prefix_k, prefix_v, prefix_len_R
   b, _, N, H = q_b1NH.shape
   R = prefix_k.shape[0]
   G = group_size
-  if rows_in_order:
-    q_slots = q_b1NH.reshape(R, G, N, H)
-  else:
-    q_slots = jnp.zeros((R * G, N, H), q_b1NH.dtype).at[row_b].set(q_b1NH[:, 0])
+  q_slots = (q_b1NH if rows_in_order else
+             jnp.zeros((R * G, N, H), q_b1NH.dtype).at[row_b].set(q_b1NH[:, 0]))
   o_pre, lse_pre = decoder.attention(cfg, q_slots.reshape(R, G, N, H), prefix_k, prefix_v,
                                      kv_len_B=prefix_len_R, return_residual=True)
   if rows_in_order:
@@ -135,9 +131,10 @@ def cascade_attention(cfg: ModelConfig, q_b1NH, prefix_k, prefix_v, prefix_len_R
 
 
 def forward(cfg: ModelConfig, params, tokens_b1: jax.Array, positions_b1: jax.Array,
-            cache: SharedPrefixCache) -> tuple[jax.Array, SharedPrefixCache]:
-  """One decode step of b rows against a shared-prefix cache: logits [b, 1, V]
-  and the cache with each row's new K/V in completion slot `index`."""
+            row_b: jax.Array, cache: SharedPrefixCache) -> tuple[jax.Array, SharedPrefixCache]:
+  """One decode step of b rows (`row_b`: each one's output row) against a
+  shared-prefix cache: logits [b, 1, V] and the cache with each row's new K/V
+  in completion slot `index`."""
   if tokens_b1.shape[1] != 1:
     raise ValueError(f"shared_prefix.forward decodes one token per row, got {tokens_b1.shape}")
   dt = cfg.compute_dtype
@@ -149,7 +146,7 @@ def forward(cfg: ModelConfig, params, tokens_b1: jax.Array, positions_b1: jax.Ar
       vc = decoder.write_slots(v_cache, v, index)
       attn = cascade_attention(cfg, q, prefix_k.astype(dt), prefix_v.astype(dt),
                                cache.prefix_len_R, kc.astype(dt), vc.astype(dt), index + 1,
-                               cache.row_b, cache.group_size, cache.rows_in_order)
+                               row_b, cache.group_size, cache.rows_in_order)
       return attn, (kc, vc)
     return attend
 
