@@ -1,0 +1,159 @@
+"""Compile-only check of sharded training steps on N mock GPUs of one real GPU.
+
+JAX's GPU client can pretend to be one process of an N-host job
+(`jax_mock_gpu_topology="1xNx1"`: N hosts of one GPU each, collectives mocked).
+Compiling for that topology runs XLA's SPMD partitioner, and with it the
+custom partitioning rules of JAX's cuDNN fused attention, exactly as on N real
+GPUs. Nothing runs: each case is `jit(...).lower(abstract inputs).compile()`.
+
+Cases:
+  op       `jax.nn.dot_product_attention(implementation="cudnn")`, forward and
+           gradient, the query/key/value sharded over the batch, with the
+           training forward's arguments (segment mask, or none).
+  w2       the W2 update (`sft_step`, 2 micro-batches, remat dots_no_batch) of
+           the model size given, on the meshes given.
+
+Each case records `ok` or the error's last lines. One process per N (the
+topology is fixed when the GPU client starts):
+
+  python -m benchmarks.partition_check --mock_devices 8 --out rec/partition_8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+import traceback
+
+
+def _parse():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--mock_devices", type=int, default=8)
+  p.add_argument("--sizes", default="smoke,1.5b", help="model sizes for the w2 cases")
+  p.add_argument("--meshes", default="N,1,1;1,N,1;1,1,2;2,N/2,1",
+                 help="data,fsdp,tensor per case; N = --mock_devices")
+  p.add_argument("--impls", default="auto,xla")
+  p.add_argument("--rows", type=int, default=16, help="W2 batch rows")
+  p.add_argument("--seq", type=int, default=2048, help="W2 tokens per row (1.5b)")
+  p.add_argument("--out", default=None)
+  return p.parse_args()
+
+
+def _axis(text: str, n: int) -> int:
+  """A mesh axis size: an integer, "N", or "N/k"."""
+  text = text.strip()
+  if text.startswith("N"):
+    return n // int(text[2:]) if text[1:2] == "/" else n
+  return int(text)
+
+
+def _tail(e: BaseException, lines: int = 12) -> str:
+  text = "".join(traceback.format_exception(e)).strip().splitlines()
+  return "\n".join(text[-lines:])
+
+
+def _op_cases(n, jax, jnp, mesh_lib):
+  """cuDNN attention alone, batch-sharded, forward and gradient."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  mesh = mesh_lib.Mesh(jax.devices()[:n], ("data",))
+  B, T, N, K, H = 2 * n, 256, 12, 2, 128
+  cases = []
+  for with_mask in (False, True):
+    for grad in (False, True):
+      def loss(q, k, v, mask):
+        o = jax.nn.dot_product_attention(
+            q, k, v, mask=None if mask is None else mask[:, None], implementation="cudnn",
+            is_causal=mask is None)
+        return jnp.sum(o.astype(jnp.float32))
+      fn = jax.grad(loss, argnums=(0, 1, 2)) if grad else loss
+      sh = NamedSharding(mesh, P("data"))
+      qs = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16, sharding=sh)
+      kvs = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16, sharding=sh)
+      ms = jax.ShapeDtypeStruct((B, T, T), jnp.bool_, sharding=sh) if with_mask else None
+      name = f"op mask={with_mask} grad={grad}"
+      cases.append((name, lambda fn=fn, qs=qs, kvs=kvs, ms=ms:
+                    jax.jit(fn).lower(qs, kvs, kvs, ms).compile()))
+  return cases
+
+
+def _w2_case(size, mesh_shape, impl, rows, seq, jax, jnp):
+  from benchmarks import common
+  from jaxrl_llm import optim, sharding
+  from jaxrl_llm.models import decoder
+  from jaxrl_llm.sft import sft_step
+  from jaxrl_llm.train_state import TrainState, state_shardings
+
+  def compile_():
+    T = seq if size != "smoke" else 128
+    cfg = common.qwen25_config(size, param_dtype="float32", remat="dots_no_batch",
+                               attention_impl=impl)
+    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
+    n = 1
+    for s in mesh_shape:
+      n *= s
+    mesh = sharding.make_mesh(sharding.MeshConfig(mesh_shape), jax.devices()[:n])
+
+    def init(rng):
+      params = decoder.init_params(cfg, rng)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=tx.init(params), extra={})
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    abstract = jax.eval_shape(init, key)
+    sh = state_shardings(abstract, cfg, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, sh)
+    bsh = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((rows, T), jnp.int32, sharding=bsh)
+             for k in ("tokens", "segment_ids", "loss_mask")}
+    step = jax.jit(functools.partial(sft_step, cfg=cfg, tx=tx, microbatches=2, mesh=mesh,
+                                     logprob_chunk=128),
+                   in_shardings=(sh, None, None), out_shardings=(sh, None), donate_argnums=(0,))
+    step.lower(state, batch, key).compile()
+  return compile_
+
+
+def main():
+  args = _parse()
+  n = args.mock_devices
+  # Before the GPU client starts: N hosts of one GPU each.
+  os.environ.setdefault("JAX_MOCK_GPU_TOPOLOGY", f"1x{n}x1")
+  import jax
+  import jax.numpy as jnp
+  from jax import sharding as mesh_lib
+  info = {"mock_devices": n, "devices": len(jax.devices()),
+          "local_devices": len(jax.local_devices()), "jax": jax.__version__,
+          "device_kind": jax.devices()[0].device_kind, "cases": []}
+  print(json.dumps({k: v for k, v in info.items() if k != "cases"}), flush=True)
+  cases = _op_cases(n, jax, jnp, mesh_lib)
+  for size in args.sizes.split(","):
+    for m in args.meshes.split(";"):
+      shape = tuple(_axis(x, n) for x in m.split(","))
+      if min(shape) < 1:
+        continue
+      for impl in args.impls.split(","):
+        cases.append((f"w2 {size} mesh={shape} attention={impl}",
+                      _w2_case(size, shape, impl, args.rows, args.seq, jax, jnp)))
+  for name, fn in cases:
+    t0 = time.time()
+    try:
+      fn()
+      rec = {"case": name, "ok": True}
+    except Exception as e:  # noqa: BLE001 - every failure is the measurement
+      rec = {"case": name, "ok": False, "error": _tail(e)}
+    rec["seconds"] = round(time.time() - t0, 1)
+    info["cases"].append(rec)
+    print(("ok   " if rec["ok"] else "FAIL ") + name + f" ({rec['seconds']} s)", flush=True)
+    if not rec["ok"]:
+      print("     " + rec["error"].replace("\n", "\n     "), flush=True)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(info, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
