@@ -78,7 +78,7 @@ def profile_once(fn, trace_dir: str):
 
 def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
                   decode_matmul: str = "xla", group_size: int = 1,
-                  shared_prefix_attention: bool = False) -> dict:
+                  shared_prefix_attention: bool = False, categorical: str = "gumbel") -> dict:
   cfg = dataclasses.replace(common.qwen25_config(size, param_dtype="bfloat16"),
                             decode_matmul=decode_matmul)
   params = decoder.init_params(cfg, jax.random.key(0))
@@ -92,7 +92,8 @@ def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
     fn = jax.jit(functools.partial(sample, cfg, max_new_tokens=n, temperature=1.0,
                                    stop_tokens=(), cache_size=prompt_len + steps,
                                    group_size=group_size,
-                                   shared_prefix_attention=shared_prefix_attention))
+                                   shared_prefix_attention=shared_prefix_attention,
+                                   categorical=categorical))
     with tempfile.TemporaryDirectory() as d:
       return profile_once(lambda: fn(params, prompt, mask, key), d)
 
@@ -108,7 +109,7 @@ def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
   ranked = sorted(per_step.items(), key=lambda kv: -kv[1][1])
   return {"batch": batch, "steps": steps, "decode_matmul": decode_matmul,
           "group_size": group_size, "shared_prefix_attention": shared_prefix_attention,
-          "wall_ms": wall_ms, "kernel_ms": kernel_ms,
+          "categorical": categorical, "wall_ms": wall_ms, "kernel_ms": kernel_ms,
           "busy_fraction": kernel_ms / wall_ms if wall_ms > 0 else None,
           "kernels_per_step": sum(c for c, _ in per_step.values()),
           "top": [{"name": n[:160], "calls_per_step": c, "ms_per_step": ms,
@@ -124,6 +125,7 @@ def main():
   p.add_argument("--decode_matmul", default="xla", choices=["xla", "pallas"])
   p.add_argument("--group_size", type=int, default=1)
   p.add_argument("--shared_prefix_attention", type=int, default=0, choices=[0, 1])
+  p.add_argument("--categorical", default="gumbel", choices=["gumbel", "inverse_cdf"])
   args = p.parse_args()
   decode_matmul = (common.pallas_decode_matmul() if args.decode_matmul == "pallas"
                    else args.decode_matmul)
@@ -133,7 +135,7 @@ def main():
   for b in (int(x) for x in args.batches.split(",")):
     r = profile_batch(min(b, 4 * args.group_size) if args.smoke else b, steps, size,
                       prompt_len, args.top, decode_matmul, args.group_size,
-                      bool(args.shared_prefix_attention))
+                      bool(args.shared_prefix_attention), args.categorical)
     results.append(r)
     print(f"batch {r['batch']}: wall {r['wall_ms']:.3f} ms/step, kernels "
           f"{r['kernel_ms']:.3f} ms/step (busy {r['busy_fraction']:.2f}), "
@@ -146,7 +148,8 @@ def main():
                                                "steps": steps, "decode_matmul": decode_matmul,
                                                "group_size": args.group_size,
                                                "shared_prefix_attention":
-                                               bool(args.shared_prefix_attention)},
+                                               bool(args.shared_prefix_attention),
+                                               "categorical": args.categorical},
                       results)
 
 

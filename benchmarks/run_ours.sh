@@ -24,6 +24,9 @@
 #   W3 at batch 512 as 64 prompts x 8 with and without cascade attention.
 # PLAN=cascade: floors, W3 at batch 512 as 64 prompts x 8 with and without
 #   cascade attention, and the kernel profile of both steps.
+# PLAN=sampling: floors, W3 at batch 64/512 with each token drawn through a Gumbel
+#   draw per logit (jax.random.categorical) and through the inverse CDF (one
+#   uniform per row), and the kernel profile of the b512 step with the latter.
 # Compilations share XLA's per-fusion autotuning results through a persistent
 # cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/jax_cache): the W5 step reuses
 # what its rollout compile tuned. Timed calls are unaffected.
@@ -98,6 +101,9 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
       run 150 benchmarks.w3_decode --variants b512_g8,b512_g8_cascade --repeats 3
       run 120 benchmarks.profile_decode --batches 512 --group_size 8 --shared_prefix_attention 1 --tag cascade
       run 120 benchmarks.profile_decode --batches 512 --group_size 8 --tag g8 ;;
+    sampling)
+      run 200 benchmarks.w3_decode --variants b64,b64_cdf,b512,b512_cdf --repeats 3
+      run 100 benchmarks.profile_decode --batches 512 --categorical inverse_cdf --tag cdf ;;
     w1)
       run 200 benchmarks.w1_grpo_step --repeats 3
       run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample

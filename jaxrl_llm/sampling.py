@@ -301,14 +301,76 @@ def row_keys(rng: jax.Array, num_rows: int) -> jax.Array:
   return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(num_rows))
 
 
+CATEGORICAL_DRAWS = ("gumbel", "inverse_cdf")
+
+
+def categorical_inverse_cdf(keys_b: jax.Array, logits_bV: jax.Array,
+                            chunk: int = 2048) -> jax.Array:
+  """One draw per row from softmax(logits_bV), by inverting its cumulative sum.
+
+  With e_i = exp(l_i − max l) and c_i = e_0 + ... + e_i, row b draws one
+  uniform u and returns the first i with c_i > u·c_{V−1}: token i is chosen
+  with probability e_i / Σe. A row needs one uniform instead of one per
+  vocabulary entry (`jax.random.categorical` adds Gumbel noise to every
+  logit), and the [b, V] logits are only read, by reductions
+  (`inverse_cdf_index`).
+  """
+  u_b = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys_b)
+  return inverse_cdf_index(u_b, logits_bV, chunk)
+
+
+def inverse_cdf_index(u_b: jax.Array, logits_bV: jax.Array, chunk: int = 2048) -> jax.Array:
+  """The first i with c_i > u·c_{V−1} (see `categorical_inverse_cdf`), u in [0, 1).
+
+  The vocabulary is cut into chunks of `chunk` entries: a reduction gives each
+  chunk's mass, a short cumulative sum over the chunks finds the chunk that
+  holds u·Σe, and a cumulative sum over that chunk's entries alone finds the
+  token. Entries of zero mass (logits of −1e30 or −inf) are never chosen:
+  float rounding past the end of a sum falls back to the last entry with mass.
+  """
+  b, V = logits_bV.shape
+  S = min(chunk, V)
+  C = -(-V // S)
+  l_bV = logits_bV.astype(jnp.float32)
+  l_bCS = jnp.pad(l_bV, ((0, 0), (0, C * S - V)), constant_values=-jnp.inf).reshape(b, C, S)
+  m_b11 = jnp.max(l_bV, axis=-1)[:, None, None]
+  mass_bC = jnp.sum(jnp.exp(l_bCS - m_b11), axis=-1)
+  cdf_bC = jnp.cumsum(mass_bC, axis=-1)
+  target_b = u_b * cdf_bC[:, -1]
+
+  def first_above(cdf_bN, value_b, mass_bN):
+    """The first index whose cumulative sum exceeds value, else the last with mass."""
+    n = cdf_bN.shape[-1]
+    last_b = n - 1 - jnp.argmax(mass_bN[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(jnp.sum(cdf_bN <= value_b[:, None], axis=-1), last_b)
+
+  c_b = first_above(cdf_bC, target_b, mass_bC)
+  before_b = (jnp.take_along_axis(cdf_bC, c_b[:, None], axis=-1)
+              - jnp.take_along_axis(mass_bC, c_b[:, None], axis=-1))[:, 0]
+  e_bS = jnp.exp(jnp.take_along_axis(l_bCS, c_b[:, None, None], axis=1)[:, 0] - m_b11[:, 0])
+  s_b = first_above(jnp.cumsum(e_bS, axis=-1), target_b - before_b, e_bS)
+  return (c_b * S + s_b).astype(jnp.int32)
+
+
+def _check_categorical(categorical):
+  if categorical not in CATEGORICAL_DRAWS:
+    raise ValueError(f"categorical must be one of {CATEGORICAL_DRAWS}, got {categorical!r}")
+
+
 def choose_tokens(logits_bV: jax.Array, ctx: DecodeContext, keys_b: jax.Array, *,
                   logits_processor: Optional[LogitsProcessor] = None, greedy: bool = False,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  categorical: str = "gumbel"):
   """(token_b, log p(token_b)) of one decode step, each row drawn with its key.
 
   log p = processed logit[token] − logsumexp(processed logits), so no [b, V]
   log-softmax is materialised; greedy takes the argmax (keys unused).
+  `categorical`: how a token is drawn, "gumbel" (`jax.random.categorical`:
+  the argmax of the logits plus a Gumbel draw per vocabulary entry) or
+  "inverse_cdf" (`categorical_inverse_cdf`: one uniform per row). Both draw
+  from the same distribution; for the same key they pick different tokens.
   """
+  _check_categorical(categorical)
   processed = logits_bV.astype(jnp.float32)
   if logits_processor is not None:
     processed = logits_processor(processed, ctx).astype(jnp.float32)
@@ -316,7 +378,10 @@ def choose_tokens(logits_bV: jax.Array, ctx: DecodeContext, keys_b: jax.Array, *
     token_b = jnp.argmax(processed, axis=-1).astype(jnp.int32)
   else:
     processed = process_logits(processed, temperature=temperature, top_k=top_k, top_p=top_p)
-    token_b = jax.vmap(jax.random.categorical)(keys_b, processed).astype(jnp.int32)
+    if categorical == "inverse_cdf":
+      token_b = categorical_inverse_cdf(keys_b, processed)
+    else:
+      token_b = jax.vmap(jax.random.categorical)(keys_b, processed).astype(jnp.int32)
   chosen_b = jnp.take_along_axis(processed, token_b[:, None], axis=-1)[:, 0]
   return token_b, chosen_b - jax.nn.logsumexp(processed, axis=-1)
 
@@ -359,7 +424,8 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
            cache_dtype: Optional[str] = None,
            logits_processor: Optional[LogitsProcessor] = None, group_size: int = 1,
            compaction_min_rows: int = 0, shared_prefix_attention: bool = False,
-           max_len: Union[int, jax.Array, None] = None) -> SampleOutput:
+           max_len: Union[int, jax.Array, None] = None,
+           categorical: str = "gumbel") -> SampleOutput:
   """Sample up to `max_new_tokens` tokens after left-padded prompts.
 
   Args:
@@ -387,6 +453,10 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
       do stop_tokens with no id >= 0 (no row can end early).
     max_len: run-time budget in [1, max_new_tokens] (an int or a traced
       int32 scalar); decoding stops there. None: max_new_tokens.
+    categorical: how each token is drawn from the processed distribution,
+      "gumbel" (one Gumbel draw per vocabulary entry) or "inverse_cdf" (one
+      uniform per row; `categorical_inverse_cdf`). Same distribution,
+      different tokens for the same key.
 
   Returns a `SampleOutput` in the caller's row order; `logprobs_BL` are
   log-probs under the distribution actually sampled from (after the logits
@@ -397,6 +467,7 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
   cache_size = cache_size or P + max_new_tokens
   _validate(prompt_tokens_BP, prompt_mask_BP, max_new_tokens, temperature, top_k, top_p,
             cache_size, group_size, compaction_min_rows, max_len)
+  _check_categorical(categorical)
   if not isinstance(shared_prefix_attention, (bool, np.bool_)):
     raise ValueError("shared_prefix_attention must be a Python bool (a static argument "
                      f"under jit), got {type(shared_prefix_attention).__name__}")
@@ -417,7 +488,8 @@ def sample(cfg: ModelConfig, params, prompt_tokens_BP: jax.Array, prompt_mask_BP
   def choose(logits_bV, ctx):
     keys_b = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B[ctx.row_B], ctx.step)
     return choose_tokens(logits_bV, ctx, keys_b, logits_processor=logits_processor,
-                         greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+                         greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                         categorical=categorical)
 
   # DECODE: sample a token per live row, scatter it to its output row, run it
   # through the model. `b` is the current bucket's row count.

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import optim, sampling, sharding, testing
+from jaxrl_llm.models import decoder
 from jaxrl_llm.rl import config as rl_config
 from jaxrl_llm.rl import rl_step as rls
 from jaxrl_llm.train_state import create_train_state
@@ -206,6 +207,27 @@ def test_rollout_engine_equals_plain_sampler():
     np.testing.assert_allclose(cascade[k], plain[k], atol=1e-5, err_msg=k)
   np.testing.assert_array_equal(engine["prompt_tokens"], np.repeat(make_batch()["prompt_tokens"],
                                                                    4, axis=0))
+
+
+def test_rollout_categorical_reaches_the_sampler():
+  """rl.rollout_categorical="inverse_cdf": the rollout equals `sampling.sample`
+  with the same draw (the engine's row keys), and differs from the Gumbel draw."""
+  force = sampling.force_lengths(FORCED, EOS)
+  rl = rl_config.RLConfig(group_size=4, max_new_tokens=7, rollout_categorical="inverse_cdf")
+  cdf = _rollout(rl, processor=force)
+  step, state, _, _ = build(rl)
+  batch = make_batch()
+  out = jax.jit(lambda p: sampling.sample(
+      CFG, decoder.decode_params(CFG, p), batch["prompt_tokens"], batch["prompt_mask"],
+      jax.random.key(4), max_new_tokens=7, stop_tokens=(EOS,), pad_id=step.pad_id,
+      logits_processor=force, group_size=4, compaction_min_rows=64,
+      categorical="inverse_cdf"))(state.params)
+  np.testing.assert_array_equal(cdf["completion"], out.tokens_BL)
+  np.testing.assert_allclose(cdf["sampler_logp"], out.logprobs_BL, atol=1e-5)
+  gumbel = _rollout(rl_config.RLConfig(group_size=4, max_new_tokens=7), processor=force)
+  assert not np.array_equal(gumbel["completion"], cdf["completion"])
+  with pytest.raises(ValueError, match="rollout_categorical"):
+    rl_config.RLConfig(rollout_categorical="gumble")
 
 
 def test_length_schedule_stops_decoding_at_the_budget():

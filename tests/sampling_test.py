@@ -111,7 +111,8 @@ def test_prompt_longer_than_cache_is_a_clear_error():
 # The rollout engine: shared-prefix prefill, compaction, budget, processors.
 # ---------------------------------------------------------------------------
 _ENGINE_STATIC = ("max_new_tokens", "greedy", "temperature", "stop_tokens", "group_size",
-                  "compaction_min_rows", "logits_processor", "top_k", "shared_prefix_attention")
+                  "compaction_min_rows", "logits_processor", "top_k", "shared_prefix_attention",
+                  "categorical")
 
 
 @functools.partial(jax.jit, static_argnames=_ENGINE_STATIC)
@@ -295,3 +296,65 @@ def test_per_row_keys_make_a_row_independent_of_its_batch():
   _assert_same_samples(jax.tree.map(lambda x: x[2:], full), part)
   default = sample(CFG, PARAMS, toks4, mask4, keys[0], max_new_tokens=6, temperature=1.5)
   assert not np.array_equal(default.tokens_BL, full.tokens_BL)
+
+
+def test_inverse_cdf_draws_follow_the_softmax_and_never_pick_excluded_tokens():
+  """200,000 draws over 37 tokens in chunks of 8 (the last chunk padded): each
+  token's frequency is its softmax probability within 4.5 standard errors;
+  tokens at -1e30 (as top-k / top-p leave them) are never drawn."""
+  V, n = 37, 200_000
+  logits = jax.random.normal(jax.random.key(0), (V,)) * 1.5
+  excluded = np.array([0, 8, 9, 20, 36])  # chunk edges included
+  logits = logits.at[excluded].set(-1e30)
+  keys = jax.random.split(jax.random.key(1), n)
+  draw = jax.jit(functools.partial(sampling.categorical_inverse_cdf, chunk=8))
+  tokens = np.asarray(draw(keys, jnp.broadcast_to(logits, (n, V))))
+  freq = np.bincount(tokens, minlength=V) / n
+  p = np.asarray(jax.nn.softmax(logits))
+  assert freq[excluded].sum() == 0
+  np.testing.assert_array_less(np.abs(freq - p), 4.5 * np.sqrt(p * (1 - p) / n) + 1e-12)
+
+
+def test_inverse_cdf_index_at_the_ends_of_the_unit_interval():
+  """u = 0 gives the first token with mass; u at (or past, by rounding) 1 gives
+  the last one with mass, never an excluded or padded entry."""
+  logits = jnp.full((3, 11), -1e30).at[0, 4].set(2.0).at[1, [1, 6, 7]].set(0.5)
+  logits = logits.at[2].set(jnp.linspace(-1, 1, 11))
+  for u, expect in ((0.0, [4, 1, 0]), (1.0, [4, 7, 10]), (1.5, [4, 7, 10])):
+    idx = sampling.inverse_cdf_index(jnp.full((3,), u), logits, chunk=4)
+    np.testing.assert_array_equal(idx, expect)
+  # Interior: u picks the token whose cumulative interval holds it.
+  p = np.asarray(jax.nn.softmax(logits[2]))
+  cdf = np.cumsum(p)
+  for j in (0, 3, 5, 9):
+    u = (cdf[j] - p[j] / 2) * np.ones(3, np.float32)
+    assert int(sampling.inverse_cdf_index(jnp.asarray(u), logits, chunk=4)[2]) == j
+
+
+def test_inverse_cdf_sampler_keeps_the_engine_equalities():
+  """`categorical="inverse_cdf"`: the same key gives the same samples, G > 1
+  equals repeated prompts, compaction equals the full batch, log-probs are the
+  full forward's; an unknown name is refused."""
+  toks, mask = _prompts()
+  proc = sampling.force_lengths(LENGTHS, EOS_ID)
+  kw = dict(max_new_tokens=8, stop_tokens=(EOS_ID,), logits_processor=proc,
+            categorical="inverse_cdf")
+  shared = _engine(PARAMS, toks, mask, jax.random.key(4), group_size=4,
+                   compaction_min_rows=1, **kw)
+  plain = _engine(PARAMS, jnp.repeat(toks, 4, 0), jnp.repeat(mask, 4, 0), jax.random.key(4),
+                  **kw)
+  _assert_same_samples(shared, plain)
+  gumbel = _engine(PARAMS, toks, mask, jax.random.key(4), group_size=4,
+                   **dict(kw, categorical="gumbel"))
+  assert not np.array_equal(gumbel.tokens_BL, shared.tokens_BL)
+  out = sample(CFG, PARAMS, toks, mask, jax.random.key(2), max_new_tokens=6,
+               categorical="inverse_cdf")
+  for b in range(2):
+    real = np.asarray(toks[b])[np.asarray(mask[b]) == 1]
+    seq = jnp.concatenate([jnp.asarray(real), out.tokens_BL[b]])[None]
+    logp = jax.nn.log_softmax(forward(CFG, PARAMS, seq), -1)[0]
+    P = len(real)
+    np.testing.assert_allclose(out.logprobs_BL[b], logp[np.arange(P - 1, P + 5),
+                                                        out.tokens_BL[b]], atol=1e-4)
+  with pytest.raises(ValueError, match="categorical must be one of"):
+    sample(CFG, PARAMS, toks, mask, jax.random.key(0), max_new_tokens=2, categorical="topk")

@@ -63,6 +63,9 @@ class RLConfig:
   # many rows (0: off). Below ~64 rows a decode step mostly reads the weights,
   # so smaller buckets gain little and each bucket is one more compiled loop.
   rollout_compaction_min_rows: int = 64
+  # How each token is drawn: "gumbel" (jax.random.categorical, a Gumbel draw per
+  # vocabulary entry) or "inverse_cdf" (one uniform per row; the same distribution).
+  rollout_categorical: str = "gumbel"
   banned_tokens: tuple[int, ...] = ()    # token ids never sampled
   min_new_tokens: int = 0                # no EOS before this many completion tokens
   forced_prefix: tuple[int, ...] = ()    # every completion starts with these token ids
@@ -152,6 +155,8 @@ class RLConfig:
     check(not self.rollout_shared_prefix_attention or self.rollout_shared_prefix,
           "rollout_shared_prefix_attention", "needs rollout_shared_prefix=True (the prompt "
           "prefilled once per group)")
+    check(self.rollout_categorical in ("gumbel", "inverse_cdf"), "rollout_categorical",
+          'must be "gumbel" or "inverse_cdf"')
     check(self.rollout_compaction_min_rows >= 0, "rollout_compaction_min_rows",
           "must be >= 0 (0 turns compaction off)")
     check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",

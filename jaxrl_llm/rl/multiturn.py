@@ -88,6 +88,7 @@ class TurnSpec:
   top_k: int = 0
   top_p: float = 1.0
   greedy: bool = False
+  categorical: str = "gumbel"         # sampling.choose_tokens
   # A turn ending on EOS ends the trajectory. False for chat models whose turns end on
   # the EOS (<|im_end|> in Qwen / Hermes / ChatML tokenizers): then only the
   # environment's done or max_turns ends it (see envs.base.OBSERVATION_TEMPLATES).
@@ -194,7 +195,8 @@ def decode_turn(cfg: ModelConfig, params, st: TurnState, spec: TurnSpec):
     keys_B = jax.vmap(jax.random.fold_in)(st.row_keys_B, st.n_B)
     token_B, logp_B = sampling.choose_tokens(
         st.logits_BV, ctx, keys_B, logits_processor=spec.logits_processor, greedy=spec.greedy,
-        temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
+        temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
+        categorical=spec.categorical)
     stop_B = live_B & jnp.any(token_B[:, None] == stop_ids[None, :], axis=1)
     col_B = jnp.where(live_B, st.n_B, C)  # column C is dropped
     token_in_B = jnp.where(live_B, token_B, spec.pad_id)
@@ -322,7 +324,8 @@ class MultiTurnRLStep(rls.RLStep):
                     obs_len=self.env.obs_len, eos_id=self.eos_id,
                     stop_tokens=tuple(self.env.stop_tokens), pad_id=self.pad_id,
                     temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-                    eos_ends=mt.eos_ends, logits_processor=self.rollout_processor())
+                    categorical=rl.rollout_categorical, eos_ends=mt.eos_ends,
+                    logits_processor=self.rollout_processor())
 
   @property
   def length_widths(self) -> tuple[int, ...]:

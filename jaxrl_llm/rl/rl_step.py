@@ -146,7 +146,8 @@ class RLStep:
         top_p=rl.top_p, stop_tokens=(self.eos_id,), pad_id=self.pad_id,
         logits_processor=processor, group_size=rl.group_size if shared else 1,
         compaction_min_rows=rl.rollout_compaction_min_rows, max_len=budget,
-        shared_prefix_attention=shared and rl.rollout_shared_prefix_attention)
+        shared_prefix_attention=shared and rl.rollout_shared_prefix_attention,
+        categorical=rl.rollout_categorical)
     ro = dict(rows, completion=out.tokens_BL, completion_mask=out.mask_BL,
               sampler_logp=out.logprobs_BL, finished=out.finished_B, lengths=out.lengths_B)
     if rl.advantage == "remax":
