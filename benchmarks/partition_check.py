@@ -51,7 +51,7 @@ def _axis(text: str, n: int) -> int:
   return int(text)
 
 
-def _tail(e: BaseException, lines: int = 12) -> str:
+def _tail(e: BaseException, lines: int = 40) -> str:
   text = "".join(traceback.format_exception(e)).strip().splitlines()
   return "\n".join(text[-lines:])
 
