@@ -11,7 +11,11 @@ Cases:
            gradient, the query/key/value sharded over the batch, with the
            training forward's arguments (segment mask, or none).
   w2       the W2 update (`sft_step`, 2 micro-batches, remat dots_no_batch) of
-           the model size given, on the meshes given.
+           the model size given, on the meshes given, with attention routed
+           as the library runs it (`route=shard_map`: each device attends its
+           own rows and heads, `decoder.attention`) or handed to XLA's
+           partitioner (`route=partitioner`: the library's routing switched
+           off in this process only, which is how it ran before).
 
 Each case records `ok` or the error's last lines. One process per N (the
 topology is fixed when the GPU client starts):
@@ -37,6 +41,8 @@ def _parse():
   p.add_argument("--meshes", default="N,1,1;1,N,1;1,1,2;2,N/2,1",
                  help="data,fsdp,tensor per case; N = --mock_devices")
   p.add_argument("--impls", default="auto,xla")
+  p.add_argument("--routes", default="shard_map,partitioner")
+  p.add_argument("--skip_ops", action="store_true", help="only the w2 cases")
   p.add_argument("--rows", type=int, default=16, help="W2 batch rows")
   p.add_argument("--seq", type=int, default=2048, help="W2 tokens per row (1.5b)")
   p.add_argument("--out", default=None)
@@ -81,7 +87,9 @@ def _op_cases(n, jax, jnp, mesh_lib):
   return cases
 
 
-def _w2_case(size, mesh_shape, impl, rows, seq, jax, jnp):
+def _w2_case(size, mesh_shape, impl, route, rows, seq, jax, jnp):
+  from unittest import mock
+
   from benchmarks import common
   from jaxrl_llm import optim, sharding
   from jaxrl_llm.models import decoder
@@ -113,7 +121,13 @@ def _w2_case(size, mesh_shape, impl, rows, seq, jax, jnp):
     step = jax.jit(functools.partial(sft_step, cfg=cfg, tx=tx, microbatches=2, mesh=mesh,
                                      logprob_chunk=128),
                    in_shardings=(sh, None, None), out_shardings=(sh, None), donate_argnums=(0,))
-    step.lower(state, batch, key).compile()
+    if route == "partitioner":
+      with mock.patch.object(sharding, "active_mesh_rules", lambda: None):
+        step.lower(state, batch, key).compile()
+    elif route == "shard_map":
+      step.lower(state, batch, key).compile()
+    else:
+      raise ValueError(f"unknown --routes entry {route!r}: shard_map or partitioner")
   return compile_
 
 
@@ -129,15 +143,16 @@ def main():
           "local_devices": len(jax.local_devices()), "jax": jax.__version__,
           "device_kind": jax.devices()[0].device_kind, "cases": []}
   print(json.dumps({k: v for k, v in info.items() if k != "cases"}), flush=True)
-  cases = _op_cases(n, jax, jnp, mesh_lib)
+  cases = [] if args.skip_ops else _op_cases(n, jax, jnp, mesh_lib)
   for size in args.sizes.split(","):
     for m in args.meshes.split(";"):
       shape = tuple(_axis(x, n) for x in m.split(","))
       if min(shape) < 1:
         continue
       for impl in args.impls.split(","):
-        cases.append((f"w2 {size} mesh={shape} attention={impl}",
-                      _w2_case(size, shape, impl, args.rows, args.seq, jax, jnp)))
+        for route in args.routes.split(","):
+          cases.append((f"w2 {size} mesh={shape} attention={impl} route={route}",
+                        _w2_case(size, shape, impl, route, args.rows, args.seq, jax, jnp)))
   for name, fn in cases:
     t0 = time.time()
     try:

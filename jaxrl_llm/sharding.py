@@ -194,6 +194,11 @@ def activation_rules(mesh: Optional[Mesh], rules) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def active_mesh_rules() -> Optional[tuple[Mesh, tuple]]:
+  """(mesh, rules) of the enclosing `activation_rules` context, or None."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
   """Sharding constraint on an activation by logical names (no-op without a mesh)."""
   active = _ACTIVE.get()

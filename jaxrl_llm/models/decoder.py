@@ -17,9 +17,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxrl_llm import lora as lora_lib
-from jaxrl_llm import quantize, tree_paths
+from jaxrl_llm import quantize, sharding, tree_paths
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.sharding import constrain
 
@@ -173,11 +174,47 @@ def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, kv_len_B=None, *,
   rest, and the fused GPU kernel then skips reading them (the empty tail of
   a preallocated KV cache). `return_residual`: also the log-sum-exp of each
   query's scores, lse_BTN (`shared_prefix.merge`).
+
+  Under a mesh of several devices (`sharding.activation_rules`) each device
+  attends its own rows and heads (`jax.shard_map`; the batch over the
+  `act_batch` axes, the heads over `act_heads` when that axis divides the
+  query and the key/value heads alike). Attention needs nothing from other
+  rows or heads, so this is the same computation with no collective; it also
+  keeps XLA's partitioner away from the fused kernel's own partitioning rule,
+  which fails to compile some 8-way sharded training steps (cuDNN on GPU;
+  BENCHMARKS.md, "The cuDNN attention partitioner").
   """
-  return jax.nn.dot_product_attention(
-      q_BTNH, k_BSKH, v_BSKH, mask=None if mask_BTS is None else mask_BTS[:, None, :, :],
-      key_value_seq_lengths=kv_len_B, implementation=_attention_impl(cfg),
-      return_residual=return_residual)
+  impl = _attention_impl(cfg)
+
+  def attend(q, k, v, mask, kv_len):
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if mask is None else mask[:, None, :, :],
+        key_value_seq_lengths=kv_len, implementation=impl, return_residual=return_residual)
+
+  active = sharding.active_mesh_rules()
+  if active is None or active[0].size == 1:
+    return attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, kv_len_B)
+  mesh, rules = active
+  q_spec = sharding.logical_to_spec(("act_batch", None, "act_heads", None), rules, mesh,
+                                    q_BTNH.shape)
+  kv_spec = sharding.logical_to_spec(("act_batch", None, "act_heads", None), rules, mesh,
+                                     k_BSKH.shape)
+  heads = q_spec[2] if q_spec[2] == kv_spec[2] else None  # GQA groups stay on one device
+  batch = q_spec[0] if q_spec[0] == kv_spec[0] else None
+  qs, kvs = P(batch, None, heads, None), P(batch, None, heads, None)
+  args = {"q": (q_BTNH, qs), "k": (k_BSKH, kvs), "v": (v_BSKH, kvs)}
+  if mask_BTS is not None:
+    args["mask"] = (mask_BTS, P(batch, None, None))
+  if kv_len_B is not None:
+    args["kv_len"] = (kv_len_B, P(batch))
+
+  def local(*xs):
+    named = dict(zip(args, xs, strict=True))
+    return attend(named["q"], named["k"], named["v"], named.get("mask"), named.get("kv_len"))
+
+  out_specs = (qs, P(batch, None, heads)) if return_residual else qs
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(s for _, s in args.values()),
+                       out_specs=out_specs, check_vma=False)(*(x for x, _ in args.values()))
 
 
 def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, attend_fn,
