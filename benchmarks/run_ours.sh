@@ -27,6 +27,12 @@
 # PLAN=sampling: floors, W3 at batch 64/512 with each token drawn through a Gumbel
 #   draw per logit (jax.random.categorical) and through the inverse CDF (one
 #   uniform per row), and the kernel profile of the b512 step with the latter.
+# PLAN=multi_w2 / multi_w1 / multi_w5 / multi_async (several GPUs of one host;
+#   NGPU, default: the GPUs nvidia-smi lists; N below): W2, W1 and W5 on 1 GPU
+#   and on N with FSDP (1,N,1), data (N,1,1) and FSDP x tensor (1,N/2,2) (W2,
+#   W1); the actor-learner step (benchmarks/async_step.py) against the one-jit
+#   step on the same N GPUs, 2 actor + N-2 learner GPUs (1 + 1 on 2 GPUs),
+#   lag 0 and 1. Each plan fits one 10-minute call on 8 H100s / H200s.
 # Compilations share XLA's per-fusion autotuning results through a persistent
 # cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/jax_cache): the W5 step reuses
 # what its rollout compile tuned. Timed calls are unaffected.
@@ -53,6 +59,8 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
   timeout -k 5 "$t" "$PY" -m "$@" --out "$REC" $SMOKE || echo "=== FAILED rc=$?: $*"
 }
 
+NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+NGPU=$(( NGPU > 0 ? NGPU : 1 )); HALF=$(( NGPU > 1 ? NGPU / 2 : 1 ))
 {
   # The library imports qwix (jaxrl_llm.quantize, jaxrl_llm.lora); a GPU image without it
   # gets it from the wheel in WHEELS (runs/bench_wheels, benchmarks/peers/wheels.txt).
@@ -104,6 +112,27 @@ run() {  # run MAX_SECONDS MODULE [ARGS...]
     sampling)
       run 200 benchmarks.w3_decode --variants b64,b64_cdf,b512,b512_cdf --repeats 3
       run 100 benchmarks.profile_decode --batches 512 --categorical inverse_cdf --tag cdf ;;
+    multi_w2)
+      for m in 1,1,1 1,$NGPU,1 $NGPU,1,1 1,$HALF,2; do
+        run 120 benchmarks.w2_train_step --variant dots_mb2 --mesh "$m" --tag "dots_mb2_${m//,/x}"
+      done ;;
+    multi_w1)
+      for m in 1,1,1 1,$NGPU,1 $NGPU,1,1 1,$HALF,2; do
+        run 150 benchmarks.w1_grpo_step --repeats 3 --mesh "$m" --tag "${m//,/x}"
+      done ;;
+    multi_w5)
+      for m in 1,1,1 1,$NGPU,1 $NGPU,1,1; do
+        run 190 benchmarks.w5_ragged_grpo_step --variant engine --repeats 3 --mesh "$m" \
+          --tag "engine_${m//,/x}"
+      done ;;
+    multi_async)
+      # The batch splits over both groups' shards: 96 prompts for 2 + 6, 64 otherwise.
+      ACTORS=$(( NGPU > 2 ? 2 : 1 )); PROMPTS=$(( NGPU == 8 ? 96 : 64 ))
+      run 150 benchmarks.async_step --mode sync --prompts $PROMPTS --repeats 5
+      for k in 0 1; do
+        run 200 benchmarks.async_step --mode async --actor_devices $ACTORS --lag $k \
+          --prompts $PROMPTS --repeats 5
+      done ;;
     w1)
       run 200 benchmarks.w1_grpo_step --repeats 3
       run 200 benchmarks.w1_grpo_step --repeats 3 --shared_prefix 0 --tag prefill_per_sample

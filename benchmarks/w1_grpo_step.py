@@ -103,7 +103,8 @@ def main():
             "attention_impl": args.attention_impl, "param_dtype": "float32",
             "rollout_shared_prefix": bool(args.shared_prefix),
             "rollout_shared_prefix_attention": bool(args.shared_prefix_attention),
-            "dtype": "bfloat16", "reward": "fraction of even token ids", "stop_tokens": "none"}
+            "dtype": "bfloat16", "reward": "fraction of even token ids", "stop_tokens": "none",
+            "mesh": list(mesh.devices.shape), "devices": int(mesh.devices.size)}
   common.write_record(args, "w1_grpo_step", config, res)
   common.print_table(f"W1 GRPO step {size}, {R}x{G} seqs, prompt {P}, {L} new",
                      ["variant", "step s", "seq/s", "tok/s", "peak GiB"],

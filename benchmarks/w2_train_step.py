@@ -88,7 +88,8 @@ def main():
     res["matmul_ceiling_tflops"] = floors["matmul_tflops"]
   config = {"size": size, "batch": B, "seq": T, "remat": remat, "microbatches": micro,
             "logprob_chunk": chunk, "attention_impl": attn, "param_dtype": "float32",
-            "dtype": "bfloat16", "optimizer": "adamw + clip 1.0"}
+            "dtype": "bfloat16", "optimizer": "adamw + clip 1.0",
+            "mesh": list(mesh.devices.shape), "devices": int(mesh.devices.size)}
   common.write_record(args, "w2_train_step", config, res)
   common.print_table(f"W2 train step {size} {B}x{T}",
                      ["variant", "step s", "tokens/s", "TFLOP/s", "MFU", "peak GiB"],

@@ -102,9 +102,10 @@ def main():
   p.add_argument("--logprob_chunk", type=int, default=128)
   p.add_argument("--length_buckets", type=int, default=4,
                  help="rl.length_buckets of the update (1: every micro-batch at full width)")
+  p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor (multi-GPU runs)")
   args = p.parse_args()
   if args.smoke:
-    size, R, G, P, L, micro, min_rows = "smoke", 4, 4, 16, 32, 2, 4
+    size, R, G, P, L, micro, min_rows = "smoke", 8, 4, 16, 32, 2, 4
   else:
     size, R, G, P, L, micro, min_rows = "0.5b", 64, 8, 256, 1024, args.microbatches, 64
   shared, compaction, cascade = VARIANTS[args.variant]
@@ -120,7 +121,8 @@ def main():
                              rollout_shared_prefix_attention=cascade,
                              length_buckets=args.length_buckets)
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
-  mesh = sharding.make_mesh(sharding.MeshConfig((1, 1, 1)), jax.devices()[:1])
+  shape = tuple(int(x) for x in args.mesh.split(","))
+  mesh = sharding.make_mesh(sharding.MeshConfig(shape), jax.devices()[:int(np.prod(shape))])
   state, sh = create_train_state(cfg, tx, jax.random.key(0), mesh,
                                  extra_fn=lambda: rls.init_rl_extra(rl))
   ref_params = jax.tree.map(jnp.copy, state.params)
@@ -195,6 +197,7 @@ def main():
             "eos_id": EOS_ID, "preset": "grpo", "kl_coef": rl.kl_coef, "microbatches": micro,
             "remat": args.remat, "logprob_chunk": args.logprob_chunk,
             "length_buckets": args.length_buckets, "param_dtype": "float32",
+            "mesh": list(mesh.devices.shape), "devices": int(mesh.devices.size),
             "dtype": "bfloat16", "reward": "fraction of even token ids", "floors": floors}
   common.write_record(args, "w5_ragged_grpo_step", config, res)
   common.print_table(
