@@ -144,8 +144,8 @@ def main():
           "device_kind": jax.devices()[0].device_kind, "cases": []}
   print(json.dumps({k: v for k, v in info.items() if k != "cases"}), flush=True)
   cases = [] if args.skip_ops else _op_cases(n, jax, jnp, mesh_lib)
-  for size in args.sizes.split(","):
-    for m in args.meshes.split(";"):
+  for size in filter(None, args.sizes.split(",")):  # --sizes "": the op cases only
+    for m in filter(None, args.meshes.split(";")):
       shape = tuple(_axis(x, n) for x in m.split(","))
       if min(shape) < 1:
         continue
