@@ -33,7 +33,7 @@ import time
 import traceback
 
 
-def _parse():
+def _parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--mock_devices", type=int, default=8)
@@ -46,7 +46,7 @@ def _parse():
   p.add_argument("--rows", type=int, default=16, help="W2 batch rows")
   p.add_argument("--seq", type=int, default=2048, help="W2 tokens per row (1.5b)")
   p.add_argument("--out", default=None)
-  return p.parse_args()
+  return p.parse_args(argv)
 
 
 def _axis(text: str, n: int) -> int:
@@ -131,8 +131,9 @@ def _w2_case(size, mesh_shape, impl, route, rows, seq, jax, jnp):
   return compile_
 
 
-def main():
-  args = _parse()
+def main(argv=None) -> dict:
+  """Runs the cases; returns the record (also written to --out after each case)."""
+  args = _parse(argv)
   n = args.mock_devices
   # Before the GPU client starts: N hosts of one GPU each.
   os.environ.setdefault("JAX_MOCK_GPU_TOPOLOGY", f"1x{n}x1")
@@ -168,6 +169,7 @@ def main():
     if args.out:
       with open(args.out, "w") as f:
         json.dump(info, f, indent=1)
+  return info
 
 
 if __name__ == "__main__":

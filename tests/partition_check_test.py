@@ -1,0 +1,20 @@
+"""benchmarks/partition_check.py on 8 CPU devices: the W2 cases compile through both
+attention routes (the GPU run compiles the same cases for 8 mock GPUs), and a failing
+case is recorded with its error instead of stopping the run."""
+import json
+
+
+def test_partition_check_records_each_case(tmp_path, monkeypatch):
+  from benchmarks import partition_check
+  monkeypatch.setenv("JAX_MOCK_GPU_TOPOLOGY", "1x8x1")  # restored after the test
+  out = tmp_path / "partition_8.json"
+  info = partition_check.main(["--sizes=smoke", "--meshes=N,1,1;1,N/2,2", "--impls=xla,bogus",
+                               "--skip_ops", f"--out={out}"])
+  cases = {c["case"]: c for c in info["cases"]}
+  assert len(cases) == 8
+  for mesh in ("(8, 1, 1)", "(1, 4, 2)"):
+    for route in ("shard_map", "partitioner"):
+      assert cases[f"w2 smoke mesh={mesh} attention=xla route={route}"]["ok"]
+      bad = cases[f"w2 smoke mesh={mesh} attention=bogus route={route}"]
+      assert not bad["ok"] and "attention_impl='bogus'" in bad["error"]
+  assert json.load(open(out)) == info
