@@ -201,7 +201,7 @@ def active_mesh_rules() -> Optional[tuple[Mesh, tuple]]:
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
   """Sharding constraint on an activation by logical names (no-op without a mesh)."""
-  active = _ACTIVE.get()
+  active = active_mesh_rules()
   if active is None:
     return x
   mesh, rules = active

@@ -201,8 +201,8 @@ def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, kv_len_B=None, *,
                                      k_BSKH.shape)
   heads = q_spec[2] if q_spec[2] == kv_spec[2] else None  # GQA groups stay on one device
   batch = q_spec[0] if q_spec[0] == kv_spec[0] else None
-  qs, kvs = P(batch, None, heads, None), P(batch, None, heads, None)
-  args = {"q": (q_BTNH, qs), "k": (k_BSKH, kvs), "v": (v_BSKH, kvs)}
+  spec_BTNH = P(batch, None, heads, None)  # also the keys' and values' [B, S, K, H]
+  args = {"q": (q_BTNH, spec_BTNH), "k": (k_BSKH, spec_BTNH), "v": (v_BSKH, spec_BTNH)}
   if mask_BTS is not None:
     args["mask"] = (mask_BTS, P(batch, None, None))
   if kv_len_B is not None:
@@ -212,7 +212,7 @@ def attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, kv_len_B=None, *,
     named = dict(zip(args, xs, strict=True))
     return attend(named["q"], named["k"], named["v"], named.get("mask"), named.get("kv_len"))
 
-  out_specs = (qs, P(batch, None, heads)) if return_residual else qs
+  out_specs = (spec_BTNH, P(batch, None, heads)) if return_residual else spec_BTNH
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(s for _, s in args.values()),
                        out_specs=out_specs, check_vma=False)(*(x for x, _ in args.values()))
 
