@@ -25,10 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import glob
-import gzip
-import json
-import os
 import tempfile
 import time
 
@@ -36,34 +32,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, trace
 from jaxrl_llm.models import decoder
 from jaxrl_llm.sampling import sample
 
 
 def device_kernel_times(trace_dir: str) -> dict:
   """{kernel name: [calls, total µs]} over the device streams of a Perfetto trace."""
-  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-  if not paths:
-    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
-  with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
-    events = json.load(f)["traceEvents"]
-  names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device_pids = {pid for pid, name in names.items() if "/device:" in name}
-  # On CPU (--smoke) the compiled ops run on the XLA Eigen threads of the host.
-  cpu_threads = {(e["pid"], e.get("tid")) for e in events
-                 if e.get("ph") == "M" and e.get("name") == "thread_name"
-                 and str(e.get("args", {}).get("name", "")).startswith("tf_XLAEigen")}
-  if not device_pids and not cpu_threads:
-    raise ValueError(f"no device stream in the trace; processes: {sorted(names.values())}")
   totals = collections.defaultdict(lambda: [0, 0.0])
-  for e in events:
-    if e.get("ph") == "X" and (e.get("pid") in device_pids
-                               or (not device_pids and (e["pid"], e.get("tid")) in cpu_threads)):
-      t = totals[e["name"]]
-      t[0] += 1
-      t[1] += float(e.get("dur", 0.0))
+  for name, _, us in trace.device_kernels(trace_dir):
+    totals[name][0] += 1
+    totals[name][1] += us
   return dict(totals)
 
 

@@ -39,8 +39,8 @@ def even_token_reward(inputs):
   return frac, {"correct": (frac > 0.5).astype(jnp.float32)}
 
 
-def main():
-  p = common.base_parser(__doc__)
+def add_flags(p):
+  """W1's workload flags (shared with `profile_update`)."""
   p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor (multi-GPU runs)")
   p.add_argument("--microbatches", type=int, default=16)
   p.add_argument("--remat", default="dots_no_batch")
@@ -52,7 +52,11 @@ def main():
   p.add_argument("--shared_prefix_attention", type=int, default=0,
                  help="1: also keep each prompt's K/V once per group and read it once per "
                       "group per decode step (rl.rollout_shared_prefix_attention)")
-  args = p.parse_args()
+
+
+def build(args) -> dict:
+  """W1's model, RL step, state, reference copy and prompt batch from the flags of
+  `add_flags`; `fn` is the one-jit step."""
   if args.smoke:
     size, R, G, P, L = "smoke", 4, 4, 16, 8
     micro = 2
@@ -78,7 +82,19 @@ def main():
            "prompt_mask": np.ones((R, P), np.int32),
            "prompt_id": np.arange(R, dtype=np.int32)}
   batch = sharding.shard_batch(batch, mesh)
-  holder = {"state": state, "i": 0}
+  return {"cfg": cfg, "rl": rl, "tx": tx, "mesh": mesh, "state": state, "sh": sh,
+          "ref_params": ref_params, "step": step, "fn": fn, "batch": batch, "size": size,
+          "R": R, "G": G, "P": P, "L": L, "micro": micro}
+
+
+def main():
+  p = common.base_parser(__doc__)
+  add_flags(p)
+  args = p.parse_args()
+  w = build(args)
+  rl, mesh, fn, batch, ref_params = w["rl"], w["mesh"], w["fn"], w["batch"], w["ref_params"]
+  size, R, G, P, L, micro = w["size"], w["R"], w["G"], w["P"], w["L"], w["micro"]
+  holder = {"state": w["state"], "i": 0}
 
   def call():
     holder["i"] += 1
