@@ -4,8 +4,12 @@ W1's workload (`benchmarks/w1_grpo_step.py`, same flags) is cut where split
 mode cuts it (`rl_step.make_split_step`): the rollout and the rewards run once,
 untimed; then the learn half (reference log-probs, advantages, the loss and
 its gradient over the micro-batches, clipping, AdamW) is timed alone and run
-once under `jax.profiler.trace`. Its device kernels are attributed to the part
-of the program that launched them through the compiled HLO: each kernel's HLO
+once under `jax.profiler.trace`, with XLA's command buffers (CUDA graphs)
+switched off in this process (`--xla_gpu_enable_command_buffer=`): inside a
+command buffer a kernel is named only by its buffer and cannot be attributed.
+`learn_s` is timed the same way; W1's own record times the default. The
+kernels are attributed to the part of the program that launched them
+through the compiled HLO: each kernel's HLO
 instruction (the trace's `hlo_op`, or the kernel's own name for XLA's fused
 kernels) is looked up in `compiled.as_text()` for its opcode, custom-call
 target and `op_name` (the JAX name stack). Parts:
@@ -31,6 +35,7 @@ against the measured matmul ceiling of `floors.py`.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import tempfile
 import time
@@ -77,7 +82,7 @@ def part_of(kernel: str, info) -> str:
   if info is None:  # a library kernel whose instruction the trace did not name
     if any(k in lower for k in ("fmha", "sdpa", "cudnn", "flash")):
       return "attention"
-    if any(k in lower for k in ("gemm", "xmma", "cutlass", "cublas")):
+    if any(k in lower for k in ("gemm", "xmma", "cutlass", "cublas", "nvjet")):
       return "matmul"
     return "unattributed"
   _, target, op_name, is_gemm = info
@@ -115,6 +120,9 @@ def attribute(kernels, instructions: dict, top: int = 30) -> dict:
 
 
 def main():
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_gpu_enable_command_buffer" not in flags:  # read when the backend starts, below
+    os.environ["XLA_FLAGS"] = (flags + " --xla_gpu_enable_command_buffer=").strip()
   p = common.base_parser(__doc__)
   w1_grpo_step.add_flags(p)
   p.add_argument("--top", type=int, default=30)
@@ -158,7 +166,7 @@ def main():
             "remat": args.remat, "logprob_chunk": args.logprob_chunk,
             "attention_impl": args.attention_impl, "kl_coef": w["rl"].kl_coef,
             "logprob_save_logits": bool(args.logprob_save_logits),
-            "mesh": list(w["mesh"].devices.shape)}
+            "mesh": list(w["mesh"].devices.shape), "xla_flags": os.environ["XLA_FLAGS"]}
   common.write_record(args, "profile_update", config, res)
   print(f"learn half: {s['median_s']:.3f} s (compile {compile_s:.0f} s), kernels "
         f"{res['kernel_s']:.3f} s in {res['kernels']} launches "
