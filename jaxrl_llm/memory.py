@@ -70,7 +70,10 @@ Components (bytes per device):
                       remat "dots_no_batch"  b·T·c·(3D + (N + 2K)·H/t + 2F/t)
                                              (weight-matmul outputs: q, k, v,
                                              o-proj, gate, up, down)
-                      remat "dots"           the above + b·N/t·T·(T + H)·c
+                      remat "dots_no_batch_attention"  the above + b·T·N/t·(H·c + 4)
+                                             (the fused attention's output and
+                                             float32 softmax statistics)
+                      remat "dots"           dots_no_batch + b·N/t·T·(T + H)·c
                                              (attention scores and P·V)
                       remat "none"           b·T·c·(6D + (2N + 3K)·H/t + 5F/t)
                                              + b·N/t·T²·(4 + c) (scores in
@@ -385,6 +388,8 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
   saved = {
       "full": b * T * D * c,
       "dots_no_batch": b * T * c * (3 * D + proj + 2 * F / t_mlp),
+      "dots_no_batch_attention": b * T * c * (3 * D + proj + 2 * F / t_mlp)
+      + b * T * (N / t_heads) * (H * c + 4),
       "dots": b * T * c * (3 * D + proj + 2 * F / t_mlp) + b * (N / t_heads) * T * (T + H) * c,
       "none": full_layer,
   }[model.remat]

@@ -1,4 +1,6 @@
 """Decoder invariants: cached == full forward, packing, causality, remat, log-probs."""
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from jaxrl_llm import testing
 from jaxrl_llm.models import (
   ModelConfig,
+  decoder,
   forward,
   forward_with_cache,
   hidden_states,
@@ -114,7 +117,19 @@ def test_positions_from_segments():
   np.testing.assert_array_equal(positions_from_segments(seg), [[0, 1, 0, 1, 2], [0, 1, 0, 1, 0]])
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_attention_remat_policy_keeps_the_fused_forward_and_weight_dots():
+  policy = decoder._REMAT["dots_no_batch_attention"]
+  for name in ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"):
+    assert policy(SimpleNamespace(name=name))
+  assert not policy(SimpleNamespace(name="dot_product_attention_bwd"))
+  assert not policy(SimpleNamespace(name="exp"))
+  # A weight matmul (no batch dims) is saved, as under dots_no_batch.
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+  eqn = jax.make_jaxpr(jnp.dot)(x, w).jaxpr.eqns[0]
+  assert policy(eqn.primitive, x, w, **eqn.params)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch_attention"])
 def test_remat_and_unrolled_layers_same_grads(remat):
   cfg = testing.tiny_config("llama")
   params = testing.tiny_params(cfg)

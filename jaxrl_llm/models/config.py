@@ -18,7 +18,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # H100 it made W3's b64 step 7.6 % slower than XLA's fused GEMMs (BENCHMARKS.md,
 # 2026-12-07), so "xla" is the default.
 DECODE_MATMULS = ("xla", "pallas", "pallas_interpret")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_batch_attention")
 
 
 def dtype_name(dtype) -> str:

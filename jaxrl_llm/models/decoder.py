@@ -263,10 +263,19 @@ def _layer(cfg: ModelConfig, lp: Params, x_BTD, positions_BT, inv_freq, attend_f
   return x_BTD, aux
 
 
+def _fused_attention_forward(prim, *_, **__) -> bool:
+  """The forward of JAX's cuDNN fused attention (its output and softmax statistics)."""
+  return prim.name.startswith("dot_product_attention_fwd")
+
+
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # dots_no_batch, and the fused attention's forward is kept rather than rerun in the
+    # backward (XLA's attention has no such kernel: there it is dots_no_batch).
+    "dots_no_batch_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _fused_attention_forward),
 }
 
 
