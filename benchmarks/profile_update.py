@@ -165,7 +165,6 @@ def main():
             "prompt_len": w["P"], "new_tokens": w["L"], "microbatches": w["micro"],
             "remat": args.remat, "logprob_chunk": args.logprob_chunk,
             "attention_impl": args.attention_impl, "kl_coef": w["rl"].kl_coef,
-            "logprob_save_logits": bool(args.logprob_save_logits),
             "mesh": list(w["mesh"].devices.shape), "xla_flags": os.environ["XLA_FLAGS"]}
   common.write_record(args, "profile_update", config, res)
   print(f"learn half: {s['median_s']:.3f} s (compile {compile_s:.0f} s), kernels "

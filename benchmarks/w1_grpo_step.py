@@ -52,9 +52,6 @@ def add_flags(p):
   p.add_argument("--shared_prefix_attention", type=int, default=0,
                  help="1: also keep each prompt's K/V once per group and read it once per "
                       "group per decode step (rl.rollout_shared_prefix_attention)")
-  p.add_argument("--logprob_save_logits", type=int, default=0,
-                 help="1: the log-prob head keeps its logits for the backward instead of "
-                      "recomputing the unembedding (rl.logprob_save_logits)")
 
 
 def build(args) -> dict:
@@ -71,8 +68,7 @@ def build(args) -> dict:
   rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
                              microbatches=micro, logprob_chunk=args.logprob_chunk,
                              rollout_shared_prefix=bool(args.shared_prefix),
-                             rollout_shared_prefix_attention=bool(args.shared_prefix_attention),
-                             logprob_save_logits=bool(args.logprob_save_logits))
+                             rollout_shared_prefix_attention=bool(args.shared_prefix_attention))
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
   shape = tuple(int(x) for x in args.mesh.split(","))
   mesh = sharding.make_mesh(sharding.MeshConfig(shape), jax.devices()[:int(np.prod(shape))])
@@ -114,8 +110,6 @@ def main():
   B = R * G
   variant = ("prefill_per_sample" if not args.shared_prefix else
              "shared_prefix_attention" if args.shared_prefix_attention else "base")
-  if args.logprob_save_logits:
-    variant += "+save_logits"
   res = {"variant": variant, "step": s, "sequences_per_s": B / s["median_s"],
          "completion_tokens_per_s": B * L / s["median_s"], "peak_gib": common.peak_gib(),
          "metrics_last": {k: float(v) for k, v in m.items()}}
@@ -125,7 +119,6 @@ def main():
             "attention_impl": args.attention_impl, "param_dtype": "float32",
             "rollout_shared_prefix": bool(args.shared_prefix),
             "rollout_shared_prefix_attention": bool(args.shared_prefix_attention),
-            "logprob_save_logits": bool(args.logprob_save_logits),
             "dtype": "bfloat16", "reward": "fraction of even token ids", "stop_tokens": "none",
             "mesh": list(mesh.devices.shape), "devices": int(mesh.devices.size)}
   common.write_record(args, "w1_grpo_step", config, res)

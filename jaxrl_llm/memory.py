@@ -81,9 +81,7 @@ Components (bytes per device):
                     plus the working set of one layer being differentiated
                     (the "none" figure for one layer) and the chunked
                     log-prob head: 3 × b × min(chunk, T) × V/t × 4 (float32
-                    logits, softmax, their gradient); with the head's logits
-                    saved for the backward (`logprob_save_logits`) also
-                    b × L × V/t × c (L the trained positions).
+                    logits, softmax, their gradient).
   batch arrays      tokens, masks, sampling / old / reference log-probs and
                     advantages: 8 × 4 bytes per token of the r rollout rows.
 
@@ -271,8 +269,7 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
                 critic: Optional[ModelConfig] = None, critic_head_only: bool = False,
                 critic_adapters: bool = False,
                 optimizer: str = "adamw", moment_dtype: Optional[str] = None,
-                logprob_chunk: int = 512, logprob_save_logits: bool = False,
-                logprob_len: Optional[int] = None, rules=None, num_devices: Optional[int] = None,
+                logprob_chunk: int = 512, rules=None, num_devices: Optional[int] = None,
                 description: str = "") -> MemoryPlan:
   """Estimated per-device bytes of one training step (formulas: module docstring).
 
@@ -300,10 +297,6 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
     optimizer: a key of OPTIMIZER_MOMENTS.
     moment_dtype: optimizer moment dtype; default the parameter dtype (optax).
     logprob_chunk: time chunk of the float32 log-prob head.
-    logprob_save_logits: the head keeps every chunk's logits (compute dtype) for
-      the backward (`RLConfig.logprob_save_logits`): b·logprob_len·V more.
-    logprob_len: positions whose log-probs are trained (RL: max_new_tokens);
-      default seq_len.
     rules: logical-axis rules; default `sharding.DEFAULT_RULES` (or the mesh
       config's rules).
     num_devices: resolves a -1 in `mesh`; default `jax.device_count()`.
@@ -394,8 +387,6 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
       "none": full_layer,
   }[model.remat]
   head = 3 * b * min(logprob_chunk, T) * (V / t_vocab) * 4
-  if logprob_save_logits:
-    head += b * (logprob_len or T) * (V / t_vocab) * c
   out["activations"] = L * saved + full_layer + head
   out["batch arrays"] = 8 * 4 * r * max(seq_len, kv_cache_len)
   if model.remat == "none" and out["activations"] > out["parameters"] + out["optimizer state"]:
@@ -403,11 +394,6 @@ def plan_memory(model: ModelConfig, mesh: Any = (1, -1, 1), *, batch_size: int, 
                  "memory")
   ordered = {k: float(out[k]) for k in COMPONENTS if k in out}
   return MemoryPlan(ordered, mesh_shape, description, tuple(notes))
-
-
-def _logprob_args(rl) -> dict[str, Any]:
-  """plan_memory's log-prob head arguments of an RL config."""
-  return {"logprob_save_logits": rl.logprob_save_logits, "logprob_len": rl.max_new_tokens}
 
 
 def _critic_args(rl, model: ModelConfig) -> dict[str, Any]:
@@ -434,8 +420,7 @@ def plan_for_experiment(cfg, model: ModelConfig, num_devices: Optional[int] = No
                        group_size=rl.group_size, oversample=rl.oversample,
                        microbatches=rl.minibatches * rl.microbatches, kv_cache_len=seq,
                        prefill_len=data.max_prompt_len, reference=rl.needs_reference,
-                       logprob_chunk=rl.logprob_chunk, **_logprob_args(rl),
-                       **_critic_args(rl, model), **common)
+                       logprob_chunk=rl.logprob_chunk, **_critic_args(rl, model), **common)
   if cfg.kind == "distill":  # the student's step of its mode, plus the teacher's params
     d, rl = cfg.distill, cfg.rl
     if d.mode == "kd":
@@ -453,8 +438,7 @@ def plan_for_experiment(cfg, model: ModelConfig, num_devices: Optional[int] = No
                        group_size=rl.group_size, oversample=rl.oversample,
                        microbatches=rl.minibatches * rl.microbatches, kv_cache_len=seq,
                        prefill_len=data.max_prompt_len, reference=rl.needs_reference,
-                       teacher=teacher, logprob_chunk=rl.logprob_chunk, **_logprob_args(rl),
-                       **common)
+                       teacher=teacher, logprob_chunk=rl.logprob_chunk, **common)
   if cfg.kind == "sft":
     return plan_memory(model, mesh, batch_size=data.batch_size, seq_len=data.seq_len,
                        microbatches=cfg.trainer.microbatches, **common)

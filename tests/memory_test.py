@@ -81,15 +81,6 @@ def test_activations_follow_remat_microbatches_and_tensor_parallelism():
   assert kv(kv_cache_len=1024, kv_cache_dtype="float32") == 2 * kv(kv_cache_len=1024)
 
 
-def test_saved_head_logits_are_counted():
-  kw = dict(batch_size=64, seq_len=1024, microbatches=4, logprob_chunk=128)
-  plan = lambda **k: memory.plan_memory(BIG, (1, 8, 1), **kw, **k).components["activations"]
-  rows = 64 // 4 // 8  # rows per micro-batch per device
-  extra = rows * 512 * BIG.vocab_size * 2  # bf16 logits of the 512 trained positions
-  assert plan(logprob_save_logits=True, logprob_len=512) - plan() == pytest.approx(extra)
-  assert plan(logprob_save_logits=True) - plan() == pytest.approx(2 * extra)  # all 1024
-
-
 def test_check_fits_raises_with_the_numbers():
   plan = memory.plan_memory(BIG, (1, -1, 1), num_devices=8, batch_size=16, group_size=8,
                             seq_len=1280, kv_cache_len=1280, reference=True, microbatches=8)

@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxrl_llm import lora as lora_lib
@@ -501,18 +500,12 @@ def run_layers(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, positions
 @functools.partial(jax.named_call, name="token_logprobs")
 def token_logprobs(cfg: ModelConfig, params: Params, h_BTD: jax.Array,
                    targets_BT: jax.Array, *, temperature: float = 1.0,
-                   chunk_size: int = 512, with_entropy: bool = False,
-                   save_logits: bool = False):
+                   chunk_size: int = 512, with_entropy: bool = False):
   """log π(target_t | context) from hidden states, in chunks over time.
 
   Logits are formed chunk by chunk (`chunk_size` positions at a time), so a
   float32 [B, T, V] tensor never exists; log-softmax is in float32 because
   bf16 log-probs lose the small differences that importance ratios need.
-  Under differentiation each chunk is rematerialised: by default the backward
-  pass recomputes the unembedding (2·D·V FLOPs per position, about a quarter
-  of a 0.5B model's forward); with `save_logits` the forward keeps each
-  chunk's logits in the compute dtype instead (B·T·V elements held until the
-  backward) and the backward recomputes only the log-softmax from them.
   Returns logps_BT (and entropy_BT of the tempered distribution if asked).
   """
   B, T, D = h_BTD.shape
@@ -526,8 +519,7 @@ def token_logprobs(cfg: ModelConfig, params: Params, h_BTD: jax.Array,
 
   def one_chunk(_, xs):
     h_c, t_c = xs
-    logits = checkpoint_name(unembed(cfg, params, h_c), "head_logits")
-    logits = logits.astype(jnp.float32) / temperature
+    logits = unembed(cfg, params, h_c).astype(jnp.float32) / temperature
     logz = jax.nn.logsumexp(logits, axis=-1)
     logp = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0] - logz
     if with_entropy:
@@ -536,8 +528,7 @@ def token_logprobs(cfg: ModelConfig, params: Params, h_BTD: jax.Array,
       return None, (logp, ent)
     return None, (logp, jnp.zeros_like(logp))
 
-  policy = jax.checkpoint_policies.save_only_these_names("head_logits") if save_logits else None
-  one_chunk = jax.checkpoint(one_chunk, policy=policy)
+  one_chunk = jax.checkpoint(one_chunk)  # recompute chunk logits in backward
   _, (logp, ent) = jax.lax.scan(one_chunk, None, (h_nBcD, tgt_nBc))
   logp = logp.swapaxes(0, 1).reshape(B, n * c)[:, :T]
   ent = ent.swapaxes(0, 1).reshape(B, n * c)[:, :T]

@@ -122,10 +122,6 @@ class RLConfig:
   repetition_warmup_steps: int = 0
   # NUMERICS
   logprob_chunk: int = 512
-  # Keep each log-prob chunk's logits (compute dtype) for the backward instead of recomputing
-  # the unembedding: 2·D·V fewer FLOPs per trained token, B·L·V more elements held per
-  # micro-batch (decoder.token_logprobs; plan_memory counts them).
-  logprob_save_logits: bool = False
   # Length-bucketed update: rows ordered by length, each micro-batch cut to the smallest
   # of this many static widths holding its completions (jaxrl_llm.rl.length_buckets);
   # 1 (the default) turns it off. Same loss and gradients, fewer padded columns; on ragged

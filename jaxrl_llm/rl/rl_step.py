@@ -240,8 +240,7 @@ class RLStep:
     h_BLD = h_BTD[:, P - 1:P + L - 1]  # position t predicts token t + 1
     return decoder.token_logprobs(self.model, params, h_BLD, rows["completion"],
                                   temperature=self.rl.temperature,
-                                  chunk_size=self.rl.logprob_chunk, with_entropy=True,
-                                  save_logits=self.rl.logprob_save_logits)
+                                  chunk_size=self.rl.logprob_chunk, with_entropy=True)
 
   @property
   def length_widths(self) -> tuple[int, ...]:
