@@ -46,6 +46,9 @@ def add_flags(p):
   p.add_argument("--remat", default="dots_no_batch")
   p.add_argument("--logprob_chunk", type=int, default=128)
   p.add_argument("--attention_impl", default="auto")
+  p.add_argument("--scan_layers", type=int, default=1,
+                 help="0: the training forward unrolls its layers (model.scan_layers); the "
+                      "sampler always does")
   p.add_argument("--shared_prefix", type=int, default=1,
                  help="1: prefill each prompt once for its G samples (the default "
                       "rollout); 0: once per sample (the static sampler)")
@@ -64,7 +67,8 @@ def build(args) -> dict:
     size, R, G, P, L = "0.5b", 64, 8, 256, 512
     micro = args.microbatches
   cfg = common.qwen25_config(size, param_dtype="float32", remat=args.remat,
-                             attention_impl=args.attention_impl)
+                             attention_impl=args.attention_impl).replace(
+                                 scan_layers=bool(args.scan_layers))
   rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
                              microbatches=micro, logprob_chunk=args.logprob_chunk,
                              rollout_shared_prefix=bool(args.shared_prefix),
@@ -110,6 +114,10 @@ def main():
   B = R * G
   variant = ("prefill_per_sample" if not args.shared_prefix else
              "shared_prefix_attention" if args.shared_prefix_attention else "base")
+  if args.remat != "dots_no_batch":
+    variant += f"+remat_{args.remat}"
+  if not args.scan_layers:
+    variant += "+unrolled"
   res = {"variant": variant, "step": s, "sequences_per_s": B / s["median_s"],
          "completion_tokens_per_s": B * L / s["median_s"], "peak_gib": common.peak_gib(),
          "metrics_last": {k: float(v) for k, v in m.items()}}
@@ -117,6 +125,7 @@ def main():
             "preset": "grpo", "kl_coef": rl.kl_coef, "microbatches": micro,
             "remat": args.remat, "logprob_chunk": args.logprob_chunk,
             "attention_impl": args.attention_impl, "param_dtype": "float32",
+            "scan_layers": bool(args.scan_layers),
             "rollout_shared_prefix": bool(args.shared_prefix),
             "rollout_shared_prefix_attention": bool(args.shared_prefix_attention),
             "dtype": "bfloat16", "reward": "fraction of even token ids", "stop_tokens": "none",
