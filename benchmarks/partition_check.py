@@ -135,15 +135,21 @@ def main(argv=None) -> dict:
   """Runs the cases; returns the record (also written to --out after each case)."""
   args = _parse(argv)
   n = args.mock_devices
-  # Before the GPU client starts: N hosts of one GPU each.
-  os.environ.setdefault("JAX_MOCK_GPU_TOPOLOGY", f"1x{n}x1")
   import jax
+  # Before the GPU client starts: N hosts of one GPU each. Through the config, not the
+  # environment: jax may already be imported, and it reads its environment only then.
+  jax.config.update("jax_mock_gpu_topology", os.environ.get("JAX_MOCK_GPU_TOPOLOGY",
+                                                            f"1x{n}x1"))
   import jax.numpy as jnp
   from jax import sharding as mesh_lib
   info = {"mock_devices": n, "devices": len(jax.devices()),
           "local_devices": len(jax.local_devices()), "jax": jax.__version__,
           "device_kind": jax.devices()[0].device_kind, "cases": []}
   print(json.dumps({k: v for k, v in info.items() if k != "cases"}), flush=True)
+  if info["devices"] != n:  # the cases would compile for fewer devices than asked
+    raise SystemExit(f"partition_check: {info['devices']} devices, not --mock_devices {n}: "
+                     "the mock topology did not take effect (or on CPU, set XLA_FLAGS="
+                     f"--xla_force_host_platform_device_count={n})")
   cases = [] if args.skip_ops else _op_cases(n, jax, jnp, mesh_lib)
   for size in filter(None, args.sizes.split(",")):  # --sizes "": the op cases only
     for m in filter(None, args.meshes.split(";")):
