@@ -80,7 +80,10 @@ class ModelConfig:
   max_position_embeddings: int = 4096
   dtype: str = "float32"        # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of the parameters
-  remat: str = "none"           # rematerialisation policy of each layer
+  # Rematerialisation policy of each layer (REMAT_POLICIES): "dots_no_batch" keeps the weight
+  # matmuls' outputs; "dots_no_batch_attention" also the cuDNN attention forward (W1 on an
+  # H100: -1.1 % step time, +1 GiB, BENCHMARKS.md "Where W1's update goes").
+  remat: str = "none"
   attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation
   scan_layers: bool = True      # lax.scan over stacked layers (fast compile)
   decode_matmul: str = "xla"    # one of DECODE_MATMULS
