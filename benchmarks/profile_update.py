@@ -119,14 +119,15 @@ def attribute(kernels, instructions: dict, top: int = 30) -> dict:
                    "op_name": on[-160:]} for n, (c, s, part, op, on) in ranked]}
 
 
-def main():
+def main(argv=None) -> dict:
+  """Profiles the learn half; returns the record's results (also written to --out)."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_gpu_enable_command_buffer" not in flags:  # read when the backend starts, below
     os.environ["XLA_FLAGS"] = (flags + " --xla_gpu_enable_command_buffer=").strip()
   p = common.base_parser(__doc__)
   w1_grpo_step.add_flags(p)
   p.add_argument("--top", type=int, default=30)
-  args = p.parse_args()
+  args = p.parse_args(argv)
   w = w1_grpo_step.build(args)
   step, state, batch, ref_params = w["step"], w["state"], w["batch"], w["ref_params"]
 
@@ -176,6 +177,7 @@ def main():
                      [[k["kernel"][:60], k["calls"], k["s"], k["part"]] for k in res["top"]])
   if not np.isfinite(res["kernel_s"]) or res["kernels"] == 0:
     raise RuntimeError("the trace held no kernels of the learn half")
+  return res
 
 
 if __name__ == "__main__":

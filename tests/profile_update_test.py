@@ -1,6 +1,7 @@
 """benchmarks/profile_update: kernels are attributed to the parts of the update."""
 
 import functools
+import os
 import tempfile
 
 import jax
@@ -54,3 +55,11 @@ def test_attribute_finds_the_logprob_head_in_a_traced_cpu_program():
   assert res["parts"]["logprob_head"]["s"] > 0
   assert abs(sum(p["s"] for p in res["parts"].values()) - res["kernel_s"]) < 1e-9
   assert len(res["top"]) <= 5
+
+
+def test_main_profiles_the_smoke_learn_half(tmp_path, monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() appends a flag
+  res = pu.main(["--smoke", "--out", str(tmp_path), "--repeats", "1", "--top", "4"])
+  assert res["learn"]["median_s"] > 0 and res["kernels"] > 0 and len(res["top"]) == 4
+  assert res["parts"]["logprob_head"]["s"] > 0  # the head's kernels are found by scope
+  assert (tmp_path / "profile_update.json").exists()
