@@ -27,6 +27,12 @@
 # PLAN=sampling: floors, W3 at batch 64/512 with each token drawn through a Gumbel
 #   draw per logit (jax.random.categorical) and through the inverse CDF (one
 #   uniform per row), and the kernel profile of the b512 step with the latter.
+# PLAN=update: floors, W1 as in its record, with its training layers unrolled
+#   (--scan_layers 0) and with the cuDNN attention forward kept for the backward
+#   (--remat dots_no_batch_attention), and the kernel profile of its learn half.
+# PLAN=partition: the compile-only check of the 1.5B W2 step for 8 mock GPUs on
+#   one real GPU (FSDP and data meshes, the library's attention routing and
+#   XLA's partitioner), then cuDNN attention alone for 2 mock GPUs.
 # PLAN=multi_w2 / multi_w1 / multi_w5 / multi_async (several GPUs of one host;
 #   NGPU, default: the GPUs nvidia-smi lists; N below): W2, W1 and W5 on 1 GPU
 #   and on N with FSDP (1,N,1), data (N,1,1) and FSDP x tensor (1,N/2,2) (W2,
@@ -109,6 +115,20 @@ NGPU=$(( NGPU > 0 ? NGPU : 1 )); HALF=$(( NGPU > 1 ? NGPU / 2 : 1 ))
       run 150 benchmarks.w3_decode --variants b512_g8,b512_g8_cascade --repeats 3
       run 120 benchmarks.profile_decode --batches 512 --group_size 8 --shared_prefix_attention 1 --tag cascade
       run 120 benchmarks.profile_decode --batches 512 --group_size 8 --tag g8 ;;
+    update)
+      run 120 benchmarks.w1_grpo_step --repeats 3
+      run 200 benchmarks.w1_grpo_step --repeats 3 --scan_layers 0 --tag unrolled
+      run 120 benchmarks.w1_grpo_step --repeats 3 --remat dots_no_batch_attention --tag attn
+      run 120 benchmarks.profile_update --repeats 2 ;;
+    partition)  # its own --out files; on CPU (--smoke) N fake devices stand in for the mock GPUs
+      for n in 8 2; do
+        sizes=""; (( n == 8 )) && sizes=$([ -n "$SMOKE" ] && echo smoke || echo 1.5b)
+        echo "=== [$(date +%T)] partition_check --mock_devices $n"
+        XLA_FLAGS="${XLA_FLAGS:-}${SMOKE:+ --xla_force_host_platform_device_count=$n}" \
+          timeout -k 5 300 "$PY" -m benchmarks.partition_check --mock_devices "$n" \
+          --sizes "$sizes" --meshes "N,1,1;1,N,1" --impls auto --routes shard_map,partitioner \
+          --out "$REC/partition_$n.json" || echo "=== FAILED rc=$?: partition_check $n"
+      done ;;
     sampling)
       run 200 benchmarks.w3_decode --variants b64,b64_cdf,b512,b512_cdf --repeats 3
       run 100 benchmarks.profile_decode --batches 512 --categorical inverse_cdf --tag cdf ;;
