@@ -81,6 +81,20 @@ def test_activations_follow_remat_microbatches_and_tensor_parallelism():
   assert kv(kv_cache_len=1024, kv_cache_dtype="float32") == 2 * kv(kv_cache_len=1024)
 
 
+def test_kept_attention_forward_is_counted():
+  # W1's update on one device: 16 micro-batches of 32 rows, 768 tokens, Qwen2.5-0.5B
+  # (24 layers, 14 heads of 64). Kept per layer: the bf16 output and float32 statistics.
+  model = ModelConfig(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
+                      num_kv_heads=2, intermediate_size=4864, qkv_bias=True, family="qwen2",
+                      dtype="bfloat16", tie_embeddings=True)
+  act = lambda remat: memory.plan_memory(model.replace(remat=remat), (1, 1, 1), batch_size=64,
+                                         seq_len=768, group_size=8, microbatches=16,
+                                         num_devices=1).components["activations"]
+  extra = act("dots_no_batch_attention") - act("dots_no_batch")
+  assert extra == pytest.approx(24 * 32 * 768 * 14 * (64 * 2 + 4))
+  assert 0.9 * 2**30 < extra < 1.1 * 2**30  # W1 measured +1.02 GiB of peak (BENCHMARKS.md)
+
+
 def test_check_fits_raises_with_the_numbers():
   plan = memory.plan_memory(BIG, (1, -1, 1), num_devices=8, batch_size=16, group_size=8,
                             seq_len=1280, kv_cache_len=1280, reference=True, microbatches=8)
