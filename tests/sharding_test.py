@@ -133,3 +133,25 @@ def test_attention_runs_per_shard_and_equals_one_device(shape, heads_split):
   np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
   for a, b in zip(grads, ref_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_remat_policy_sees_the_attention_inside_its_shard_map():
+  """A layer's checkpoint policy (e.g. remat="dots_no_batch_attention", which keeps the
+  fused attention's forward) is asked about the primitives inside the attention's
+  shard_map, not about the shard_map as one opaque call."""
+  from jaxrl_llm.models import decoder
+  mesh = sharding.make_mesh(sharding.MeshConfig((2, 2, 2)))
+  q, kv = jnp.ones((4, 8, 4, 16)), jnp.ones((4, 8, 2, 16))
+  seen = []
+
+  def policy(prim, *_, **__):
+    seen.append(prim.name)
+    return False
+
+  def loss(q, k, v):
+    with sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
+      return jnp.sum(decoder.attention(CFG, q, k, v))
+
+  closed = jax.make_jaxpr(jax.grad(jax.checkpoint(loss, policy=policy)))(q, kv, kv)
+  assert "shard_map" in str(closed)  # the attention did run as a shard_map
+  assert "shard_map" not in seen and {"dot_general", "exp"} <= set(seen), sorted(set(seen))
