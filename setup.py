@@ -30,9 +30,10 @@ GCS = ["etils[epath-gcs]", "gcsfs>=2026.4"]
 EXTRAS = {
     # torch is pinned to a CPU build used only by the HF parity tests: an
     # unpinned torch pulls a multi-GB CUDA build. The GCS emulator stands in
-    # for a bucket in tests/cloud_workdir_test.py.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.51", "torch==2.13.0",
-             "tokenizers>=0.20", "jinja2>=3.1", "nbclient>=0.10", "nbformat>=5.10",
+    # for a bucket in tests/cloud_workdir_test.py. filelock: the tests' shared compilation
+    # cache is locked (tests/conftest.py).
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "filelock>=3.12", "transformers>=4.51",
+             "torch==2.13.0", "tokenizers>=0.20", "jinja2>=3.1", "nbclient>=0.10", "nbformat>=5.10",
              "ipykernel>=6.29", "matplotlib>=3.8", *GCS, "gcp-storage-emulator>=2026.7",
              "wandb>=0.17", "peft>=0.13",
              "datasets>=3.0"],  # real save_to_disk output for the hf_disk reader's test

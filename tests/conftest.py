@@ -24,6 +24,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                                                          "jaxrl_llm_tests_xla_cache")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # A size limit makes jax guard the cache's reads and writes with a file lock; without
+  # one, a worker can read an entry another is still writing and abort in deserialising.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 * 2**30)
 
 import jax  # noqa: E402
 
