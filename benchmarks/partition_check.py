@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import time
 import traceback
 
@@ -138,8 +137,7 @@ def main(argv=None) -> dict:
   import jax
   # Before the GPU client starts: N hosts of one GPU each. Through the config, not the
   # environment: jax may already be imported, and it reads its environment only then.
-  jax.config.update("jax_mock_gpu_topology", os.environ.get("JAX_MOCK_GPU_TOPOLOGY",
-                                                            f"1x{n}x1"))
+  jax.config.update("jax_mock_gpu_topology", f"1x{n}x1")
   import jax.numpy as jnp
   from jax import sharding as mesh_lib
   info = {"mock_devices": n, "devices": len(jax.devices()),

@@ -4,12 +4,17 @@ case is recorded with its error instead of stopping the run."""
 import json
 
 
-def test_partition_check_records_each_case(tmp_path, monkeypatch):
+def test_partition_check_records_each_case(tmp_path):
+  import jax
+
   from benchmarks import partition_check
-  monkeypatch.setenv("JAX_MOCK_GPU_TOPOLOGY", "1x8x1")  # restored after the test
   out = tmp_path / "partition_8.json"
-  info = partition_check.main(["--sizes=smoke", "--meshes=N,1,1;1,N/2,2", "--impls=xla,bogus",
-                               "--skip_ops", f"--out={out}"])
+  before = jax.config.read("jax_mock_gpu_topology")
+  try:  # main() sets the mock GPU topology (inert on CPU); restored for the other tests
+    info = partition_check.main(["--sizes=smoke", "--meshes=N,1,1;1,N/2,2",
+                                 "--impls=xla,bogus", "--skip_ops", f"--out={out}"])
+  finally:
+    jax.config.update("jax_mock_gpu_topology", before)
   cases = {c["case"]: c for c in info["cases"]}
   assert len(cases) == 8
   for mesh in ("(8, 1, 1)", "(1, 4, 2)"):
