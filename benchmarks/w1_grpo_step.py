@@ -49,6 +49,9 @@ def add_flags(p):
   p.add_argument("--scan_layers", type=int, default=1,
                  help="0: the training forward unrolls its layers (model.scan_layers); the "
                       "sampler always does")
+  p.add_argument("--float32_logprob_head", type=int, default=0,
+                 help="1: the log-prob head's GEMM writes float32 logits "
+                      "(model.float32_logprob_head)")
   p.add_argument("--shared_prefix", type=int, default=1,
                  help="1: prefill each prompt once for its G samples (the default "
                       "rollout); 0: once per sample (the static sampler)")
@@ -68,7 +71,8 @@ def build(args) -> dict:
     micro = args.microbatches
   cfg = common.qwen25_config(size, param_dtype="float32", remat=args.remat,
                              attention_impl=args.attention_impl).replace(
-                                 scan_layers=bool(args.scan_layers))
+                                 scan_layers=bool(args.scan_layers),
+                                 float32_logprob_head=bool(args.float32_logprob_head))
   rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
                              microbatches=micro, logprob_chunk=args.logprob_chunk,
                              rollout_shared_prefix=bool(args.shared_prefix),
@@ -118,6 +122,8 @@ def main():
     variant += f"+remat_{args.remat}"
   if not args.scan_layers:
     variant += "+unrolled"
+  if args.float32_logprob_head:
+    variant += "+f32head"
   res = {"variant": variant, "step": s, "sequences_per_s": B / s["median_s"],
          "completion_tokens_per_s": B * L / s["median_s"], "peak_gib": common.peak_gib(),
          "metrics_last": {k: float(v) for k, v in m.items()}}
@@ -126,6 +132,7 @@ def main():
             "remat": args.remat, "logprob_chunk": args.logprob_chunk,
             "attention_impl": args.attention_impl, "param_dtype": "float32",
             "scan_layers": bool(args.scan_layers),
+            "float32_logprob_head": bool(args.float32_logprob_head),
             "rollout_shared_prefix": bool(args.shared_prefix),
             "rollout_shared_prefix_attention": bool(args.shared_prefix_attention),
             "dtype": "bfloat16", "reward": "fraction of even token ids", "stop_tokens": "none",

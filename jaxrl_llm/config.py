@@ -60,6 +60,7 @@ class ModelSpec:
   remat: str = "none"
   attention_impl: str = "auto"
   decode_matmul: str = "xla"    # decode steps' weight products: xla | pallas (one GPU)
+  float32_logprob_head: bool = False  # the log-prob head's GEMM writes float32 logits
   lora: LoraConfig = LoraConfig()  # low-rank adapters on a frozen base (rank 0: off)
 
   def __post_init__(self):
@@ -566,4 +567,5 @@ def builtin_model_config(spec: ModelSpec, vocab_size: int):
   return ModelConfig(vocab_size=vocab_size, dtype=spec.dtype, param_dtype=spec.param_dtype,
                      remat=spec.remat, attention_impl=spec.attention_impl, lora=spec.lora,
                      decode_matmul=spec.decode_matmul,
+                     float32_logprob_head=spec.float32_logprob_head,
                      **BUILTIN_MODELS[spec.builtin])

@@ -74,7 +74,8 @@ def model_config(cfg: config_lib.ExperimentConfig, tokenizer):
   model_cfg = hf.config_from_hf(hf_config)
   model_cfg = model_cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype,
                                 remat=spec.remat, attention_impl=spec.attention_impl,
-                                decode_matmul=spec.decode_matmul, lora=spec.lora)
+                                decode_matmul=spec.decode_matmul, lora=spec.lora,
+                                float32_logprob_head=spec.float32_logprob_head)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab "
                      f"{model_cfg.vocab_size}: data.tokenizer does not belong to {spec.path}")

@@ -158,6 +158,53 @@ def test_chunked_token_logprobs_equal_full_log_softmax(chunk):
   np.testing.assert_allclose(ent, -jnp.sum(jnp.exp(full) * full, -1), atol=1e-5)
 
 
+def _dot_generals(jaxpr):
+  """Every dot_general of a jaxpr, inside scans, checkpoints and custom rules too."""
+  from jax.extend import core as jcore
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, jcore.ClosedJaxpr):
+          yield from _dot_generals(sub.jaxpr)
+        elif isinstance(sub, jcore.Jaxpr):
+          yield from _dot_generals(sub)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_float32_logprob_head_keeps_the_accumulator_and_a_bf16_backward(tie):
+  cfg = testing.tiny_config("qwen2", tie_embeddings=tie).replace(dtype="bfloat16")
+  params = testing.tiny_params(cfg)
+  toks = jax.random.randint(jax.random.key(7), (2, 10), 0, cfg.vocab_size)
+  h_BTD, tgt = hidden_states(cfg, params, toks[:, :-1]), toks[:, 1:]
+  assert h_BTD.dtype == jnp.bfloat16
+  f32_head = cfg.replace(float32_logprob_head=True)
+  # The same bf16 operands multiplied in float32: what the float32 head computes.
+  w_DV = (params["embed"].T if tie else params["lm_head"]).astype(jnp.bfloat16)
+  exact = jnp.einsum("BTD,DV->BTV", h_BTD.astype(jnp.float32), w_DV.astype(jnp.float32))
+  ref = jnp.take_along_axis(jax.nn.log_softmax(exact), tgt[..., None], -1)[..., 0]
+  new = token_logprobs(f32_head, params, h_BTD, tgt, chunk_size=4)
+  old = token_logprobs(cfg, params, h_BTD, tgt, chunk_size=4)
+  err_new, err_old = float(jnp.max(jnp.abs(new - ref))), float(jnp.max(jnp.abs(old - ref)))
+  assert err_new * 100 < err_old, (err_new, err_old)  # the bf16 logits' rounding is gone
+
+  def loss(p, h, c):
+    return jnp.sum(token_logprobs(c, p, h, tgt, chunk_size=4) * jnp.arange(9.0))
+  grads = jax.grad(loss, argnums=(0, 1))
+  (gp_new, gh_new), (gp_old, gh_old) = grads(params, h_BTD, f32_head), grads(params, h_BTD, cfg)
+  head = "embed" if tie else "lm_head"
+  for a, b in ((gp_new[head], gp_old[head]), (gh_new, gh_old)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, atol=0.02 * np.abs(b).max())
+  # The backward's products take bf16 operands (an f32 cotangent would make them f32 GEMMs).
+  jaxpr = jax.make_jaxpr(grads, static_argnums=2)(params, h_BTD, f32_head).jaxpr
+  dots = list(_dot_generals(jaxpr))
+  assert len(dots) >= 3
+  for eqn in dots:
+    assert all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars), eqn
+
+
 def test_bf16_compute_close_to_fp32():
   cfg = testing.tiny_config("llama")
   params = testing.tiny_params(cfg)
@@ -216,3 +263,13 @@ def test_cache_expand_and_take_rows_equal_a_prefill_per_row():
   with pytest.raises(ValueError, match="max_len"):
     cache_expand(init_cache(cfg, 1, 8), 2, 4)
 
+
+
+def test_the_float32_head_is_reachable_from_a_config_file():
+  from jaxrl_llm import config as config_lib
+  from jaxrl_llm import trainer
+  cd = config_lib.default_configdict()
+  cd.model.float32_logprob_head = True
+  cfg = config_lib.from_configdict(cd)
+  model_cfg = trainer.model_config(cfg, tokenizer=SimpleNamespace(vocab_size=64))
+  assert model_cfg.float32_logprob_head

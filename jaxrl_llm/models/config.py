@@ -87,6 +87,9 @@ class ModelConfig:
   attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation
   scan_layers: bool = True      # lax.scan over stacked layers (fast compile)
   decode_matmul: str = "xla"    # one of DECODE_MATMULS
+  # The log-prob head's unembedding GEMM writes float32 logits (`decoder.unembed_float32`)
+  # instead of compute-dtype logits converted to float32 afterwards.
+  float32_logprob_head: bool = False
   lora: Optional[LoraConfig] = None  # low-rank adapters (`jaxrl_llm.lora`); None: none
 
   def __post_init__(self):

@@ -312,6 +312,41 @@ def unembed(cfg: ModelConfig, params: Params, h_BTD: jax.Array) -> jax.Array:
   return jnp.einsum("BTD,DV->BTV", h_BTD, params["lm_head"].astype(dt))
 
 
+def unembed_float32(cfg: ModelConfig, params: Params, h_BTD: jax.Array) -> jax.Array:
+  """Logits from final hidden states as float32, written by the GEMM itself.
+
+  The forward multiplies compute-dtype operands and keeps the float32
+  accumulator (logits = h · Wᵀ, never rounded to the compute dtype); the
+  backward casts the logits' cotangent to the compute dtype first, so its two
+  products (∂h = g · W, ∂W = gᵀ · h) run in the compute dtype, as `unembed`'s do.
+  """
+  dt = cfg.compute_dtype
+  if cfg.tie_embeddings:
+    return _logits_float32("BTD,VD->BTV", h_BTD.astype(dt), params["embed"].astype(dt))
+  return _logits_float32("BTD,DV->BTV", h_BTD.astype(dt), params["lm_head"].astype(dt))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _logits_float32(spec: str, h_BTD: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, h_BTD, w, preferred_element_type=jnp.float32)
+
+
+def _logits_float32_fwd(spec, h_BTD, w):
+  return _logits_float32(spec, h_BTD, w), (h_BTD, w)
+
+
+def _logits_float32_bwd(spec, residuals, g_BTV):
+  h_BTD, w = residuals
+  g_BTV = g_BTV.astype(h_BTD.dtype)
+  w_spec = spec.split(",")[1].split("->")[0]  # "VD" (tied embedding) or "DV" (lm_head)
+  dh_BTD = jnp.einsum(f"BTV,{w_spec}->BTD", g_BTV, w)
+  dw = jnp.einsum(f"BTD,BTV->{w_spec}", h_BTD, g_BTV)
+  return dh_BTD, dw
+
+
+_logits_float32.defvjp(_logits_float32_fwd, _logits_float32_bwd)
+
+
 def hidden_states(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
                   positions_BT: Optional[jax.Array] = None,
                   segment_ids_BT: Optional[jax.Array] = None,
@@ -506,6 +541,9 @@ def token_logprobs(cfg: ModelConfig, params: Params, h_BTD: jax.Array,
   Logits are formed chunk by chunk (`chunk_size` positions at a time), so a
   float32 [B, T, V] tensor never exists; log-softmax is in float32 because
   bf16 log-probs lose the small differences that importance ratios need.
+  With cfg.float32_logprob_head the head's GEMM writes the float32 logits
+  itself (`unembed_float32`) instead of rounding them to the compute dtype
+  and converting them back.
   Returns logps_BT (and entropy_BT of the tempered distribution if asked).
   """
   B, T, D = h_BTD.shape
@@ -519,7 +557,8 @@ def token_logprobs(cfg: ModelConfig, params: Params, h_BTD: jax.Array,
 
   def one_chunk(_, xs):
     h_c, t_c = xs
-    logits = unembed(cfg, params, h_c).astype(jnp.float32) / temperature
+    head = unembed_float32 if cfg.float32_logprob_head else unembed
+    logits = head(cfg, params, h_c).astype(jnp.float32) / temperature
     logz = jax.nn.logsumexp(logits, axis=-1)
     logp = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0] - logz
     if with_entropy:
