@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 import traceback
 
@@ -134,6 +135,11 @@ def main(argv=None) -> dict:
   """Runs the cases; returns the record (also written to --out after each case)."""
   args = _parse(argv)
   n = args.mock_devices
+  # XLA shares GEMM autotuning between the processes of a multi-host job through a
+  # key-value store; the mocked processes never answer, and the compile waits forever
+  # (openxla/xla#28959). XLA reads XLA_FLAGS when the client starts, below.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_gpu_shard_autotuning=false").strip()
   import jax
   # Before the GPU client starts: N hosts of one GPU each. Through the config, not the
   # environment: jax may already be imported, and it reads its environment only then.
@@ -159,6 +165,7 @@ def main(argv=None) -> dict:
           cases.append((f"w2 {size} mesh={shape} attention={impl} route={route}",
                         _w2_case(size, shape, impl, route, args.rows, args.seq, jax, jnp)))
   for name, fn in cases:
+    print(f"compiling {name}", flush=True)  # a hang shows which case it is in
     t0 = time.time()
     try:
       fn()

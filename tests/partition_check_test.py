@@ -2,14 +2,16 @@
 attention routes (the GPU run compiles the same cases for 8 mock GPUs), and a failing
 case is recorded with its error instead of stopping the run."""
 import json
+import os
 
 
-def test_partition_check_records_each_case(tmp_path):
+def test_partition_check_records_each_case(tmp_path, monkeypatch):
   import jax
 
   from benchmarks import partition_check
   out = tmp_path / "partition_8.json"
   before = jax.config.read("jax_mock_gpu_topology")
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored afterwards
   try:  # main() sets the mock GPU topology (inert on CPU); restored for the other tests
     info = partition_check.main(["--sizes=smoke", "--meshes=N,1,1;1,N/2,2",
                                  "--impls=xla,bogus", "--skip_ops", f"--out={out}"])
@@ -23,3 +25,5 @@ def test_partition_check_records_each_case(tmp_path):
       bad = cases[f"w2 smoke mesh={mesh} attention=bogus route={route}"]
       assert not bad["ok"] and "attention_impl='bogus'" in bad["error"]
   assert json.load(open(out)) == info
+  # Sharded autotuning would wait for the mocked processes (openxla/xla#28959).
+  assert "--xla_gpu_shard_autotuning=false" in os.environ["XLA_FLAGS"]
