@@ -88,7 +88,9 @@ class ModelConfig:
   scan_layers: bool = True      # lax.scan over stacked layers (fast compile)
   decode_matmul: str = "xla"    # one of DECODE_MATMULS
   # The log-prob head's unembedding GEMM writes float32 logits (`decoder.unembed_float32`)
-  # instead of compute-dtype logits converted to float32 afterwards.
+  # instead of compute-dtype logits converted to float32 afterwards: log-probs without the
+  # bf16 rounding of their logits, for more bytes (W1 on an H200: +2.4 % step time,
+  # BENCHMARKS.md "Where W1's update goes").
   float32_logprob_head: bool = False
   lora: Optional[LoraConfig] = None  # low-rank adapters (`jaxrl_llm.lora`); None: none
 
