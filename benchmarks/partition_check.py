@@ -8,8 +8,9 @@ GPUs. Nothing runs: each case is `jit(...).lower(abstract inputs).compile()`.
 
 Cases:
   op       `jax.nn.dot_product_attention(implementation="cudnn")`, forward and
-           gradient, the query/key/value sharded over the batch, with the
-           training forward's arguments (segment mask, or none).
+           gradient, the query/key/value sharded over the batch or over the
+           heads, with a mask or causal (the smallest shapes that isolate
+           which sharding the partitioning rule refuses).
   w2       the W2 update (`sft_step`, 2 micro-batches, remat dots_no_batch) of
            the model size given, on the meshes given, with attention routed
            as the library runs it (`route=shard_map`: each device attends its
@@ -63,27 +64,33 @@ def _tail(e: BaseException, lines: int = 40) -> str:
 
 
 def _op_cases(n, jax, jnp, mesh_lib):
-  """cuDNN attention alone, batch-sharded, forward and gradient."""
+  """cuDNN attention alone, forward and gradient, with the query/key/value sharded
+  over the batch or over the heads (the two axes its partitioning rule accepts)."""
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
   mesh = mesh_lib.Mesh(jax.devices()[:n], ("data",))
-  B, T, N, K, H = 2 * n, 256, 12, 2, 128
+  B, T, N, K, H = 2 * n, 256, 2 * n, n, 128  # grouped-query, heads divisible by n
+  specs = {"batch": P("data"), "heads": P(None, None, "data")}
   cases = []
-  for with_mask in (False, True):
-    for grad in (False, True):
-      def loss(q, k, v, mask):
-        o = jax.nn.dot_product_attention(
-            q, k, v, mask=None if mask is None else mask[:, None], implementation="cudnn",
-            is_causal=mask is None)
-        return jnp.sum(o.astype(jnp.float32))
-      fn = jax.grad(loss, argnums=(0, 1, 2)) if grad else loss
-      sh = NamedSharding(mesh, P("data"))
-      qs = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16, sharding=sh)
-      kvs = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16, sharding=sh)
-      ms = jax.ShapeDtypeStruct((B, T, T), jnp.bool_, sharding=sh) if with_mask else None
-      name = f"op mask={with_mask} grad={grad}"
-      cases.append((name, lambda fn=fn, qs=qs, kvs=kvs, ms=ms:
-                    jax.jit(fn).lower(qs, kvs, kvs, ms).compile()))
+  for shard, spec in specs.items():
+    for with_mask in (False, True):
+      for grad in (False, True):
+        def loss(q, k, v, mask, with_mask=with_mask):
+          o = jax.nn.dot_product_attention(
+              q, k, v, mask=mask[:, None] if with_mask else None, implementation="cudnn",
+              is_causal=not with_mask)
+          return jnp.sum(o.astype(jnp.float32))
+        fn = jax.grad(loss, argnums=(0, 1, 2)) if grad else loss
+        sh = NamedSharding(mesh, spec)
+        qs = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16, sharding=sh)
+        kvs = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16, sharding=sh)
+        # The mask [B, T, T] follows the batch sharding, and is whole on every device
+        # when the heads are sharded.
+        msh = NamedSharding(mesh, P("data") if shard == "batch" else P())
+        ms = jax.ShapeDtypeStruct((B, T, T), jnp.bool_, sharding=msh)
+        name = f"op shard={shard} mask={with_mask} grad={grad}"
+        cases.append((name, lambda fn=fn, qs=qs, kvs=kvs, ms=ms:
+                      jax.jit(fn).lower(qs, kvs, kvs, ms).compile()))
   return cases
 
 

@@ -27,3 +27,21 @@ def test_partition_check_records_each_case(tmp_path, monkeypatch):
   assert json.load(open(out)) == info
   # Sharded autotuning would wait for the mocked processes (openxla/xla#28959).
   assert "--xla_gpu_shard_autotuning=false" in os.environ["XLA_FLAGS"]
+
+
+def test_op_cases_cover_batch_and_head_sharding(monkeypatch):
+  """The op cases reach cuDNN's lowering (which a CPU refuses) for both shardings."""
+  import jax
+
+  from benchmarks import partition_check
+  before = jax.config.read("jax_mock_gpu_topology")
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+  try:
+    info = partition_check.main(["--sizes="])
+  finally:
+    jax.config.update("jax_mock_gpu_topology", before)
+  names = [c["case"] for c in info["cases"]]
+  assert names == [f"op shard={s} mask={m} grad={g}" for s in ("batch", "heads")
+                   for m in (False, True) for g in (False, True)]
+  for case in info["cases"]:
+    assert not case["ok"] and "cuDNN is not detected" in case["error"], case
