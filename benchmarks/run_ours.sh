@@ -30,7 +30,8 @@
 # PLAN=update: floors, W1 as in its record, with its training layers unrolled
 #   (--scan_layers 0) and with the cuDNN attention forward kept for the backward
 #   (--remat dots_no_batch_attention), with the head's GEMM writing float32 logits
-#   (--float32_logprob_head 1), and the kernel profile of its learn half.
+#   (--float32_logprob_head 1), with each group's prompt run once in the update
+#   (--update_shared_prompt 1), and the kernel profile of its learn half.
 # PLAN=partition: the compile-only check of the 1.5B W2 step for 8 mock GPUs on
 #   one real GPU (FSDP and data meshes, the library's attention routing and
 #   XLA's partitioner), then cuDNN attention alone for 2 mock GPUs.
@@ -120,6 +121,7 @@ NGPU=$(( NGPU > 0 ? NGPU : 1 )); HALF=$(( NGPU > 1 ? NGPU / 2 : 1 ))
       run 120 benchmarks.w1_grpo_step --repeats 3
       run 200 benchmarks.w1_grpo_step --repeats 3 --scan_layers 0 --tag unrolled
       run 120 benchmarks.w1_grpo_step --repeats 3 --remat dots_no_batch_attention --tag attn
+      run 120 benchmarks.w1_grpo_step --repeats 3 --update_shared_prompt 1 --tag shared_prompt
       run 120 benchmarks.w1_grpo_step --repeats 3 --float32_logprob_head 1 --tag f32head
       run 120 benchmarks.profile_update --repeats 2 ;;
     partition)  # its own --out files; on CPU (--smoke) N fake devices stand in for the mock GPUs

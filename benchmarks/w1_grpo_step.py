@@ -49,6 +49,9 @@ def add_flags(p):
   p.add_argument("--scan_layers", type=int, default=1,
                  help="0: the training forward unrolls its layers (model.scan_layers); the "
                       "sampler always does")
+  p.add_argument("--update_shared_prompt", type=int, default=0,
+                 help="1: the update's forward runs each group's prompt once "
+                      "(rl.update_shared_prompt)")
   p.add_argument("--float32_logprob_head", type=int, default=0,
                  help="1: the log-prob head's GEMM writes float32 logits "
                       "(model.float32_logprob_head)")
@@ -75,6 +78,7 @@ def build(args) -> dict:
                                  float32_logprob_head=bool(args.float32_logprob_head))
   rl = rl_config.from_preset("grpo", group_size=G, max_new_tokens=L, temperature=1.0,
                              microbatches=micro, logprob_chunk=args.logprob_chunk,
+                             update_shared_prompt=bool(args.update_shared_prompt),
                              rollout_shared_prefix=bool(args.shared_prefix),
                              rollout_shared_prefix_attention=bool(args.shared_prefix_attention))
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-6, grad_clip_norm=1.0))
@@ -124,6 +128,8 @@ def main():
     variant += "+unrolled"
   if args.float32_logprob_head:
     variant += "+f32head"
+  if args.update_shared_prompt:
+    variant += "+shared_prompt_update"
   res = {"variant": variant, "step": s, "sequences_per_s": B / s["median_s"],
          "completion_tokens_per_s": B * L / s["median_s"], "peak_gib": common.peak_gib(),
          "metrics_last": {k: float(v) for k, v in m.items()}}
@@ -133,6 +139,7 @@ def main():
             "attention_impl": args.attention_impl, "param_dtype": "float32",
             "scan_layers": bool(args.scan_layers),
             "float32_logprob_head": bool(args.float32_logprob_head),
+            "update_shared_prompt": bool(args.update_shared_prompt),
             "rollout_shared_prefix": bool(args.shared_prefix),
             "rollout_shared_prefix_attention": bool(args.shared_prefix_attention),
             "dtype": "bfloat16", "reward": "fraction of even token ids", "stop_tokens": "none",

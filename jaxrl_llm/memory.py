@@ -416,11 +416,16 @@ def plan_for_experiment(cfg, model: ModelConfig, num_devices: Optional[int] = No
   if cfg.kind == "rl":
     rl = cfg.rl
     seq = data.max_prompt_len + rl.max_new_tokens
-    return plan_memory(model, mesh, batch_size=data.batch_size, seq_len=seq,
+    plan = plan_memory(model, mesh, batch_size=data.batch_size, seq_len=seq,
                        group_size=rl.group_size, oversample=rl.oversample,
                        microbatches=rl.minibatches * rl.microbatches, kv_cache_len=seq,
                        prefill_len=data.max_prompt_len, reference=rl.needs_reference,
                        logprob_chunk=rl.logprob_chunk, **_critic_args(rl, model), **common)
+    if rl.update_shared_prompt:
+      plan = dataclasses.replace(plan, notes=plan.notes + (
+          "rl.update_shared_prompt: the update's activations are counted per row (prompt "
+          "and completion); it runs each group's prompt once, so they are an upper bound",))
+    return plan
   if cfg.kind == "distill":  # the student's step of its mode, plus the teacher's params
     d, rl = cfg.distill, cfg.rl
     if d.mode == "kd":

@@ -141,3 +141,8 @@ def test_plan_for_experiment_reads_the_config():
   sft = memory.plan_for_experiment(config_lib.from_configdict(
       config_lib.default_configdict(kind="sft")), model, num_devices=8)
   assert "KV cache" not in sft.components
+  c.rl.update_shared_prompt = True  # counted per row: an upper bound, and the plan says so
+  shared = memory.plan_for_experiment(config_lib.from_configdict(c), model, num_devices=8)
+  assert shared.components == plan.components
+  assert any("upper bound" in n for n in shared.notes)
+  assert not any("upper bound" in n for n in plan.notes)

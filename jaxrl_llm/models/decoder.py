@@ -369,11 +369,22 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, *,
   causal_TS = jnp.tril(jnp.ones((T, T), bool))
   same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
   mask_BTS = causal_TS[None] & same_BTS & (segment_ids_BT[:, None, :] != 0)
-  inv_freq = rope_inv_freq(cfg)
 
   def attend_fn(q, k, v):
     return attention(cfg, q, k, v, mask_BTS), None
 
+  return layer_stack(cfg, params, tokens_BT, positions_BT, attend_fn,
+                     lora_dropout_rng=lora_dropout_rng)
+
+
+def layer_stack(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
+                positions_BT: jax.Array, attend_fn: Callable, *,
+                lora_dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+  """Embedding, the (scanned, rematerialised) layers and the final norm of a full
+  forward: hidden states [B, T, D]. Every layer attends through `attend_fn(q_BTNH,
+  k_BTKH, v_BTKH) -> (attn_BTNH, None)`, which decides who sees whom
+  (`hidden_states`: segments; `shared_prompt`: a group's prompt once)."""
+  inv_freq = rope_inv_freq(cfg)
   dropout = (lora_dropout_rng is not None and cfg.lora is not None and cfg.lora.dropout > 0)
   layer_xs = ((params["layers"], jax.random.split(lora_dropout_rng, cfg.num_layers))
               if dropout else (params["layers"], None))

@@ -128,6 +128,11 @@ class RLConfig:
   # rollouts (W5) 4 buckets cut the update 7.1 -> 4.3 s but raised peak memory 37 -> 69 GiB
   # (BENCHMARKS.md), so it is opt-in until the memory cost is resolved.
   length_buckets: int = 1
+  # The update's forward runs each group's prompt once (jaxrl_llm.models.shared_prompt): per
+  # group P + G·L tokens instead of G·(P + L); the same log-probs and gradients. Needs the
+  # rollout's group order in every micro-batch: one optimizer step per RL step
+  # (epochs = minibatches = 1), no length buckets, single-turn rollouts.
+  update_shared_prompt: bool = False
   # ASYNCHRONOUS ACTOR-LEARNER (jaxrl_llm.rl.actor_learner; needs trainer.actor_devices > 0)
   async_lag: int = 0                  # the actor samples with params this many updates old
   off_policy: OffPolicyConfig = OffPolicyConfig()  # tis | mis | vtrace | remix corrections
@@ -247,6 +252,14 @@ class RLConfig:
       check(not self.rollout_shared_prefix_attention, "rollout_shared_prefix_attention",
             "is for single-turn rollouts; the multi-turn loop keeps a copy per row: set it "
             "to False with rl.multiturn.enabled")
+    if self.update_shared_prompt:
+      check(self.updates_per_step == 1, "update_shared_prompt", "needs the rollout's group "
+            f"order, which epochs={self.epochs} x minibatches={self.minibatches} > 1 shuffles: "
+            "set both to 1, or update_shared_prompt=False")
+      check(self.length_buckets == 1, "update_shared_prompt", "needs the rollout's group "
+            "order, which length_buckets > 1 reorders by length: use one of the two")
+      check(not self.multiturn.enabled, "update_shared_prompt", "is for single-turn "
+            "rollouts: set it to False with rl.multiturn.enabled")
     if self.off_policy.correction in ("tis", "mis"):
       check(self.tis_cap == 0, "tis_cap", "is set together with rl.off_policy.correction="
             f"{self.off_policy.correction!r}: use one of them (rl.off_policy.is_cap is its C)")

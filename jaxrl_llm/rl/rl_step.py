@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_llm import lora, sampling, sharding
-from jaxrl_llm.models import decoder
+from jaxrl_llm.models import decoder, shared_prompt
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.rewards import shaping
 from jaxrl_llm.rewards.base import RewardInputs
@@ -231,6 +231,11 @@ class RLStep:
   # ------------------------------------------------------------ LOG-PROBS
   def completion_logprobs(self, params, rows):
     """log π(completion_t | prompt, completion_<t) and entropies, [B, L] each."""
+    if self.rl.update_shared_prompt:
+      h_BLD = self._shared_prompt_hidden_states(params, rows)
+      return decoder.token_logprobs(self.model, params, h_BLD, rows["completion"],
+                                    temperature=self.rl.temperature,
+                                    chunk_size=self.rl.logprob_chunk, with_entropy=True)
     P = rows["prompt_tokens"].shape[1]
     L = rows["completion"].shape[1]
     tokens = jnp.concatenate([rows["prompt_tokens"], rows["completion"]], axis=1)
@@ -241,6 +246,21 @@ class RLStep:
     return decoder.token_logprobs(self.model, params, h_BLD, rows["completion"],
                                   temperature=self.rl.temperature,
                                   chunk_size=self.rl.logprob_chunk, with_entropy=True)
+
+  def _shared_prompt_hidden_states(self, params, rows):
+    """`shared_prompt.completion_hidden_states` of rows in the rollout's group order
+    (G consecutive rows of one prompt, rl.update_shared_prompt)."""
+    G = self.rl.group_size
+    B, L = rows["completion"].shape
+    if B % G:
+      raise ValueError(
+          f"rl.update_shared_prompt: a micro-batch of {B} rows is not whole groups of "
+          f"group_size={G}; choose rl.microbatches so that the rows per micro-batch "
+          "(prompts x group_size / microbatches) are a multiple of group_size")
+    R = B // G
+    return shared_prompt.completion_hidden_states(
+        self.model, params, rows["prompt_tokens"][::G], rows["prompt_mask"][::G],
+        rows["completion"].reshape(R, G, L), (rows["completion_mask"] > 0).reshape(R, G, L))
 
   @property
   def length_widths(self) -> tuple[int, ...]:
