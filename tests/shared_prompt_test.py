@@ -139,3 +139,16 @@ def test_shared_prompt_update_refuses_what_breaks_group_order():
       rl_config.from_preset("grpo", update_shared_prompt=True, **bad)
   with pytest.raises(ValueError, match="not whole groups of group_size=4"):
     _rl_run(True, microbatches=8)  # 16 rows / 8 = 2 rows per micro-batch
+
+
+def test_a_warning_names_groups_that_do_not_split_over_the_batch_axes(caplog):
+  from jaxrl_llm import sharding
+  cfg = testing.tiny_config("llama")
+  params = testing.tiny_params(cfg)
+  prompt, pmask, comp, cmask = _rows(cfg.vocab_size)  # R = 3 groups
+  for shape, warns in (((2, 2, 2), True), ((1, 8, 1), True), ((1, 1, 8), False)):
+    mesh = sharding.make_mesh(sharding.MeshConfig(shape), jax.devices()[:8])
+    caplog.clear()
+    with sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
+      shared_prompt.completion_hidden_states(cfg, params, prompt, pmask, comp, cmask)
+    assert any("3 groups per micro-batch" in r.getMessage() for r in caplog.records) == warns

@@ -28,7 +28,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
+from jaxrl_llm import sharding
 from jaxrl_llm.models import decoder
 from jaxrl_llm.models.config import ModelConfig
 
@@ -51,6 +53,7 @@ def completion_hidden_states(cfg: ModelConfig, params, prompt_RP: jax.Array,
     raise ValueError(f"shared_prompt: prompt {prompt_RP.shape} / mask {prompt_valid_RP.shape} "
                      f"and completions {completion_RGL.shape} / mask "
                      f"{completion_valid_RGL.shape} must be [R, P] and [R, G, L]")
+  _warn_if_rows_do_not_split(R)
   pvalid_RP = prompt_valid_RP.astype(bool)
   cvalid_BL = completion_valid_RGL.astype(bool).reshape(R * G, L)
   tokens_RT = jnp.concatenate([prompt_RP, completion_RGL.reshape(R, G * L)], axis=1)
@@ -87,3 +90,19 @@ def completion_hidden_states(cfg: ModelConfig, params, prompt_RP: jax.Array,
   h_RGLD = h_RTD[:, P:].reshape(R, G, L, D)
   h_RGLD = jnp.concatenate([last_prompt_RGD[:, :, None], h_RGLD[:, :, :L - 1]], axis=2)
   return h_RGLD.reshape(R * G, L, D)
+
+
+def _warn_if_rows_do_not_split(num_rows: int) -> None:
+  """Under a mesh, R packed rows split over the batch axes only where R divides them."""
+  active = sharding.active_mesh_rules()
+  if active is None:
+    return
+  mesh, rules = active
+  wanted = sharding.logical_to_spec(("act_batch",), rules, mesh)[0]
+  if wanted is not None and sharding.logical_to_spec(("act_batch",), rules, mesh,
+                                                      (num_rows,))[0] != wanted:
+    logging.warning(
+        "shared_prompt: %d groups per micro-batch do not split over the mesh's batch axes "
+        "%s (%s): each of those devices computes all of them. Choose rl.microbatches so "
+        "that the groups per micro-batch are a multiple of the batch shards.",
+        num_rows, wanted, dict(mesh.shape))

@@ -131,7 +131,9 @@ class RLConfig:
   # The update's forward runs each group's prompt once (jaxrl_llm.models.shared_prompt): per
   # group P + G·L tokens instead of G·(P + L); the same log-probs and gradients. Needs the
   # rollout's group order in every micro-batch: one optimizer step per RL step
-  # (epochs = minibatches = 1), no length buckets, single-turn rollouts.
+  # (epochs = minibatches = 1), no length buckets, single-turn rollouts. On a mesh the
+  # packed rows (one per group) split over the batch axes only where the groups of a
+  # micro-batch divide them; otherwise they are computed whole on each of those devices.
   update_shared_prompt: bool = False
   # ASYNCHRONOUS ACTOR-LEARNER (jaxrl_llm.rl.actor_learner; needs trainer.actor_devices > 0)
   async_lag: int = 0                  # the actor samples with params this many updates old
