@@ -85,14 +85,14 @@ def _even_reward(inputs):
   return frac, {"correct": (frac > 0.5).astype(jnp.float32)}
 
 
-def _rl_run(shared, microbatches=2, mesh_shape=(1, 1, 1)):
+def _rl_run(shared, microbatches=2, mesh_shape=(1, 1, 1), **rl_kwargs):
   from jaxrl_llm import optim, sampling, sharding
   from jaxrl_llm.rl import config as rl_config
   from jaxrl_llm.rl import rl_step as rls
   from jaxrl_llm.train_state import create_train_state
   rl = rl_config.from_preset("grpo", group_size=4, max_new_tokens=NEW,
                              microbatches=microbatches, kl_coef=0.05,
-                             update_shared_prompt=shared)
+                             update_shared_prompt=shared, **rl_kwargs)
   tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, grad_clip_norm=1.0))
   n = int(np.prod(mesh_shape))
   mesh = sharding.make_mesh(sharding.MeshConfig(mesh_shape), jax.devices()[:n])
@@ -129,11 +129,40 @@ def test_rl_step_with_the_shared_prompt_update_equals_the_per_row_update(mesh_sh
   assert moved > 1e-3  # the update did change the parameters it compares
 
 
+def test_group_minibatch_indices_shuffle_whole_groups():
+  from jaxrl_llm.rl import rl_step as rls
+  idx = np.asarray(rls.group_minibatch_indices(jax.random.key(0), 16, 4, epochs=2,
+                                               minibatches=2))
+  assert idx.shape == (4, 8)
+  for epoch in idx.reshape(2, 16):
+    assert sorted(epoch) == list(range(16))  # every row once per epoch
+    groups = epoch.reshape(4, 4)
+    np.testing.assert_array_equal(groups % 4, np.tile(np.arange(4), (4, 1)))  # in order
+    assert (groups // 4 == groups[:, :1] // 4).all()  # one group per run of 4
+  assert (idx.reshape(2, 16)[0] != np.arange(16)).any()  # shuffled
+  np.testing.assert_array_equal(  # one optimizer step: the rollout's order
+      rls.group_minibatch_indices(jax.random.key(0), 16, 4, 1, 1), np.arange(16)[None])
+
+
+def test_several_optimizer_steps_equal_the_per_row_update_on_the_same_groups(monkeypatch):
+  """epochs x minibatches > 1: whole groups are shuffled; given those same row orders the
+  per-row update takes the same steps."""
+  from jaxrl_llm.rl import rl_step as rls
+  on = _rl_run(True, microbatches=1, epochs=2, minibatches=2)
+  monkeypatch.setattr(rls.RLStep, "minibatch_indices", lambda self, rng, B, cm=None:
+                      rls.group_minibatch_indices(rng, B, self.rl.group_size,
+                                                  self.rl.epochs, self.rl.minibatches))
+  off = _rl_run(False, microbatches=1, epochs=2, minibatches=2)
+  (logp1, p1, m1, _), (logp2, p2, m2, _) = off, on
+  np.testing.assert_allclose(logp2, logp1, rtol=1e-5, atol=1e-5)
+  for k in ("loss/policy", "loss/kl", "rl/entropy", "grad/global_norm"):
+    np.testing.assert_allclose(m2[k], m1[k], rtol=1e-4, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5), p2, p1)
+
+
 def test_shared_prompt_update_refuses_what_breaks_group_order():
   from jaxrl_llm.rl import config as rl_config
-  for bad, match in ((dict(minibatches=2), "epochs=1 x minibatches=2"),
-                     (dict(epochs=2), "epochs=2 x minibatches=1"),
-                     (dict(length_buckets=4), "length_buckets > 1"),
+  for bad, match in ((dict(length_buckets=4), "length_buckets > 1"),
                      (dict(multiturn=dict(enabled=True)), "single-turn")):
     with pytest.raises(ValueError, match=match):
       rl_config.from_preset("grpo", update_shared_prompt=True, **bad)

@@ -129,9 +129,9 @@ class RLConfig:
   # (BENCHMARKS.md), so it is opt-in until the memory cost is resolved.
   length_buckets: int = 1
   # The update's forward runs each group's prompt once (jaxrl_llm.models.shared_prompt): per
-  # group P + G·L tokens instead of G·(P + L); the same log-probs and gradients. Needs the
-  # rollout's group order in every micro-batch: one optimizer step per RL step
-  # (epochs = minibatches = 1), no length buckets, single-turn rollouts. On a mesh the
+  # group P + G·L tokens instead of G·(P + L); the same log-probs and gradients. Needs whole
+  # groups in every micro-batch: epochs x minibatches > 1 then shuffle whole groups (not
+  # rows), and it refuses length buckets and multi-turn rollouts. On a mesh the
   # packed rows (one per group) split over the batch axes only where the groups of a
   # micro-batch divide them; otherwise they are computed whole on each of those devices.
   update_shared_prompt: bool = False
@@ -255,9 +255,6 @@ class RLConfig:
             "is for single-turn rollouts; the multi-turn loop keeps a copy per row: set it "
             "to False with rl.multiturn.enabled")
     if self.update_shared_prompt:
-      check(self.updates_per_step == 1, "update_shared_prompt", "needs the rollout's group "
-            f"order, which epochs={self.epochs} x minibatches={self.minibatches} > 1 shuffles: "
-            "set both to 1, or update_shared_prompt=False")
       check(self.length_buckets == 1, "update_shared_prompt", "needs the rollout's group "
             "order, which length_buckets > 1 reorders by length: use one of the two")
       check(not self.multiturn.enabled, "update_shared_prompt", "is for single-turn "

@@ -77,6 +77,22 @@ def dynamic_sampling_rows(zero_variance_R: jax.Array, keep: int, group_size: int
   return idx_B, jnp.repeat(~zero_variance_R[order], group_size)
 
 
+def group_minibatch_indices(rng, B: int, group_size: int, epochs: int,
+                            minibatches: int) -> jax.Array:
+  """Row indices [epochs × minibatches, B / minibatches] that shuffle whole groups.
+
+  Each epoch permutes the B / G groups (no shuffle when there is one optimizer
+  step); a group's G rows stay consecutive and in order, as
+  `rl.update_shared_prompt` needs.
+  """
+  G = group_size
+  shuffle = epochs * minibatches > 1
+  groups = [jax.random.permutation(jax.random.fold_in(rng, e), B // G) if shuffle
+            else jnp.arange(B // G) for e in range(epochs)]
+  rows = [(g[:, None] * G + jnp.arange(G)[None, :]).reshape(-1) for g in groups]
+  return jnp.stack(rows).reshape(epochs * minibatches, B // minibatches)
+
+
 @dataclasses.dataclass(frozen=True)
 class RLStep:
   """The stages of the RL step, bound to a model, a config and a reward."""
@@ -414,6 +430,8 @@ class RLStep:
     micro-batches hold similar lengths (`length_buckets.sort_by_length`).
     """
     rl = self.rl
+    if rl.update_shared_prompt:  # whole groups move together (the update packs each one)
+      return group_minibatch_indices(rng, B, rl.group_size, rl.epochs, rl.minibatches)
     perms = [jax.random.permutation(jax.random.fold_in(rng, e), B) if rl.updates_per_step > 1
              else jnp.arange(B) for e in range(rl.epochs)]
     idx_UK = jnp.stack(perms).reshape(rl.epochs * rl.minibatches, B // rl.minibatches)
