@@ -32,6 +32,8 @@
 #   (--remat dots_no_batch_attention), with the head's GEMM writing float32 logits
 #   (--float32_logprob_head 1), with each group's prompt run once in the update
 #   (--update_shared_prompt 1), and the kernel profile of its learn half.
+# PLAN=shared_prompt: floors, W1 and W4 with each group's (pair's) prompt run once in the
+#   update (rl.update_shared_prompt, preference.shared_prompt) and without.
 # PLAN=partition: the compile-only check of the 1.5B W2 step for 8 mock GPUs on
 #   one real GPU (FSDP and data meshes, the library's attention routing and
 #   XLA's partitioner), then cuDNN attention alone for 2 mock GPUs.
@@ -124,6 +126,11 @@ NGPU=$(( NGPU > 0 ? NGPU : 1 )); HALF=$(( NGPU > 1 ? NGPU / 2 : 1 ))
       run 120 benchmarks.w1_grpo_step --repeats 3 --update_shared_prompt 1 --tag shared_prompt
       run 120 benchmarks.w1_grpo_step --repeats 3 --float32_logprob_head 1 --tag f32head
       run 120 benchmarks.profile_update --repeats 2 ;;
+    shared_prompt)
+      run 120 benchmarks.w1_grpo_step --repeats 3
+      run 120 benchmarks.w1_grpo_step --repeats 3 --update_shared_prompt 1 --tag shared_prompt
+      run 90 benchmarks.w4_dpo_step
+      run 90 benchmarks.w4_dpo_step --shared_prompt 1 --tag shared_prompt ;;
     partition)  # its own --out files; on CPU (--smoke) N fake devices stand in for the mock GPUs
       for n in 8 2; do
         sizes=""; (( n == 8 )) && sizes=$([ -n "$SMOKE" ] && echo smoke || echo 1.5b)

@@ -29,6 +29,8 @@ def main():
   p.add_argument("--remat", default="dots_no_batch")
   p.add_argument("--logprob_chunk", type=int, default=128)
   p.add_argument("--attention_impl", default="auto")
+  p.add_argument("--shared_prompt", type=int, default=0,
+                 help="1: each pair's prompt runs once (preference.shared_prompt)")
   args = p.parse_args()
   size, N, P, C = ("smoke", 4, 16, 16) if args.smoke else ("0.5b", 32, 512, 512)
   cfg = common.qwen25_config(size, param_dtype="float32", remat=args.remat,
@@ -38,7 +40,8 @@ def main():
   state, sh = create_train_state(cfg, tx, jax.random.key(0), mesh)
   ref_params = jax.tree.map(jnp.copy, state.params)
   pref = PreferenceConfig(losses=(("dpo", 1.0),), beta=0.1, reference="on_the_fly",
-                          logprob_chunk=args.logprob_chunk, microbatches=args.microbatches)
+                          logprob_chunk=args.logprob_chunk, microbatches=args.microbatches,
+                          shared_prompt=bool(args.shared_prompt))
   step = PreferenceStep(cfg, pref, tx, mesh=mesh)
   fn = jit_preference_step(step, sh, sh.params)
   rng = np.random.default_rng(0)
@@ -64,8 +67,13 @@ def main():
   s = common.summarize(times)
   n_mm = common.matmul_params(cfg)
   tokens = 2 * N * (P + C)
-  # policy fwd+bwd (6N) + reference forward (2N) per token, plus attention
-  flops = 8.0 * n_mm * tokens + 4.0 * common.attention_flops_fwd(cfg, 2 * N, P + C)
+  # policy fwd+bwd (6N) + reference forward (2N) per token run, plus attention
+  attention = common.attention_flops_fwd(cfg, 2 * N, P + C)
+  run_tokens = tokens
+  if args.shared_prompt:  # the prompt once per pair: P + 2C tokens, its attention once
+    run_tokens = N * (P + 2 * C)
+    attention -= common.attention_flops_fwd(cfg, N, P)
+  flops = 8.0 * n_mm * run_tokens + 4.0 * attention
   floors = common.load_floors(args)
   res = {"step": s, "pairs_per_s": N / s["median_s"], "tokens_per_s": tokens / s["median_s"],
          "model_flops_per_step": flops, "achieved_tflops": flops / s["median_s"] / 1e12,
@@ -77,7 +85,8 @@ def main():
             "loss": "dpo sigmoid", "beta": 0.1, "reference": "on_the_fly",
             "microbatches": args.microbatches, "remat": args.remat,
             "logprob_chunk": args.logprob_chunk, "attention_impl": args.attention_impl,
-            "param_dtype": "float32", "dtype": "bfloat16"}
+            "param_dtype": "float32", "dtype": "bfloat16",
+            "shared_prompt": bool(args.shared_prompt)}
   common.write_record(args, "w4_dpo_step", config, res)
   common.print_table(f"W4 DPO step {size}, {N} pairs x {P + C} tokens",
                      ["step s", "pairs/s", "TFLOP/s", "MFU", "peak GiB"],

@@ -44,6 +44,7 @@ import optax
 
 from jaxrl_llm import lora, sharding
 from jaxrl_llm.models import decoder
+from jaxrl_llm.models import shared_prompt as shared_prompt_lib
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.preference import losses
 from jaxrl_llm.train_state import TrainState, accumulate_gradients, apply_update
@@ -89,6 +90,9 @@ class PreferenceConfig:
   reference: str = "on_the_fly"     # one of REFERENCE_MODES
   logprob_chunk: int = 512          # time chunk of the float32 log-softmax
   microbatches: int = 1             # exact gradient accumulation
+  # The pair's forward runs its prompt once for both completions (one packed row per pair,
+  # `jaxrl_llm.models.shared_prompt`): P + 2C tokens instead of 2(P + C), same log-probs.
+  shared_prompt: bool = False
   # Pre-DPO (`jaxrl_llm.preference.pre_dpo`): π_ref is a guiding reference instead of the
   # starting policy: the params of a finished run's workdir (reference_from), or a first
   # round of `guiding_steps` steps with `guiding_losses` (() = losses) run first in
@@ -185,15 +189,29 @@ def _pad_to(x, length):
 
 
 def pair_logprobs(cfg: ModelConfig, params, batch: Mapping[str, jax.Array], *,
-                  chunk_size: int = 512):
+                  chunk_size: int = 512, shared_prompt: bool = False):
   """(chosen_NC, rejected_NC) per-token log-probs from ONE forward of 2N rows.
 
   Chosen and rejected completions share the prompt; their rows are stacked
   (chosen first) so the model runs once on a batch of 2N. Completions of
-  different lengths are padded to the longer C.
+  different lengths are padded to the longer C. With `shared_prompt` the
+  forward is N packed rows [prompt ; chosen ; rejected] that run the prompt
+  once (`shared_prompt.completion_hidden_states`); the log-probs are the same.
   """
   C = max(batch["chosen_tokens"].shape[1], batch["rejected_tokens"].shape[1])
   N = batch["chosen_tokens"].shape[0]
+  if shared_prompt:
+    comp_N2C = jnp.stack([_pad_to(batch["chosen_tokens"], C),
+                          _pad_to(batch["rejected_tokens"], C)], axis=1).astype(jnp.int32)
+    mask_N2C = jnp.stack([_pad_to(batch["chosen_mask"], C),
+                          _pad_to(batch["rejected_mask"], C)], axis=1) != 0
+    h_BCD = shared_prompt_lib.completion_hidden_states(
+        cfg, params, batch["prompt_tokens"].astype(jnp.int32), batch["prompt_mask"] != 0,
+        comp_N2C, mask_N2C)
+    logp_N2C = decoder.token_logprobs(cfg, params, h_BCD, comp_N2C.reshape(2 * N, C),
+                                      chunk_size=chunk_size).reshape(N, 2, C)
+    return (logp_N2C[:, 0, :batch["chosen_tokens"].shape[1]],
+            logp_N2C[:, 1, :batch["rejected_tokens"].shape[1]])
   prompt = jnp.concatenate([batch["prompt_tokens"]] * 2, axis=0)
   prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2, axis=0)
   comp = jnp.concatenate([_pad_to(batch["chosen_tokens"], C),
@@ -258,7 +276,8 @@ class PreferenceStep:
     if not self.pref.unpaired:
       keys = ("prompt_tokens", "prompt_mask", "chosen_tokens", "chosen_mask",
               "rejected_tokens", "rejected_mask")
-      fn = lambda r: pair_logprobs(self.model, ref_params, r, chunk_size=chunk)
+      fn = lambda r: pair_logprobs(self.model, ref_params, r, chunk_size=chunk,
+                                   shared_prompt=self.pref.shared_prompt)
       chosen, rejected = self._no_grad_map(fn, {k: batch[k] for k in keys})
       return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
     keys = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
@@ -292,7 +311,8 @@ class PreferenceStep:
   def pair_loss(self, params, mb):
     """(Σ w·ℓ, (Σ w, metric sums)) of one micro-batch of pairs."""
     pref = self.pref
-    chosen, rejected = pair_logprobs(self.model, params, mb, chunk_size=pref.logprob_chunk)
+    chosen, rejected = pair_logprobs(self.model, params, mb, chunk_size=pref.logprob_chunk,
+                                     shared_prompt=pref.shared_prompt)
     pair = losses.PairLogps(chosen, rejected, mb.get("ref_chosen_logps"),
                             mb.get("ref_rejected_logps"),
                             mb["chosen_mask"].astype(jnp.float32),
