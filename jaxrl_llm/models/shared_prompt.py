@@ -1,6 +1,7 @@
 """The training forward of G completions of one prompt, with the prompt run once.
 
-A GRPO group is G rows that repeat one prompt. The per-row forward
+A GRPO group is G rows that repeat one prompt (a DPO pair: G = 2, chosen and
+rejected). The per-row forward
 (`decoder.hidden_states` on [prompt ; completion]) runs the prompt's P
 tokens through every layer G times. Here each group is one packed row
 
