@@ -20,7 +20,9 @@ The masks equal the per-row forward's on every real token (left-padded
 prompt, completion padding after its end), so the hidden states of real
 tokens, the log-probs and their gradients equal `decoder.hidden_states`'
 (`tests/shared_prompt_test.py`); the prompt's gradient is the sum over its G
-completions, which autodiff of the copy gives.
+completions, which autodiff of the copy gives. (The method: Liu et al. 2025,
+"Prefix Grouper: Efficient GRPO Training through Shared-Prefix Forward",
+arXiv:2506.05433.)
 """
 
 from __future__ import annotations
