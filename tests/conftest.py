@@ -17,17 +17,20 @@ for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensiv
     _flags += " " + _flag
 os.environ["XLA_FLAGS"] = _flags.strip()
 # Programs compiled by one test (or test process) are reused by the others: a persistent
-# compilation cache shared by the xdist workers and subprocesses of this run. The first
-# process of a run (pytest itself; its workers and subprocesses inherit the variable)
-# makes a fresh directory and removes it at exit: an entry left half-written by a process
-# of an earlier run that was killed must never be read (deserialising one crashed a worker).
+# compilation cache shared by the xdist workers and subprocesses of this run and kept for
+# the next run.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import atexit
-  import shutil
+  import pathlib
   import tempfile
-  _cache_dir = tempfile.mkdtemp(prefix="jaxrl_llm_tests_xla_cache_")
-  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  _cache_dir = pathlib.Path(tempfile.gettempdir()) / "jaxrl_llm_tests_xla_cache"
+  # jax writes an entry's "-cache" file, then its "-atime" file: an entry without the
+  # latter was cut short by a killed process (or predates the size limit below) and must
+  # never be read (deserialising one crashed a worker). The first process of a run
+  # (pytest itself; workers and subprocesses inherit the variable) removes them.
+  for _entry in _cache_dir.glob("*-cache"):
+    if not _entry.with_name(_entry.name[:-len("-cache")] + "-atime").exists():
+      _entry.unlink(missing_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache_dir)
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   # A size limit makes jax guard the cache's reads and writes with a file lock; without

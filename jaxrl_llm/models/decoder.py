@@ -322,23 +322,23 @@ def unembed_float32(cfg: ModelConfig, params: Params, h_BTD: jax.Array) -> jax.A
   """
   dt = cfg.compute_dtype
   if cfg.tie_embeddings:
-    return _logits_float32("BTD,VD->BTV", h_BTD.astype(dt), params["embed"].astype(dt))
-  return _logits_float32("BTD,DV->BTV", h_BTD.astype(dt), params["lm_head"].astype(dt))
+    return _logits_float32("VD", h_BTD.astype(dt), params["embed"].astype(dt))
+  return _logits_float32("DV", h_BTD.astype(dt), params["lm_head"].astype(dt))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _logits_float32(spec: str, h_BTD: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.einsum(spec, h_BTD, w, preferred_element_type=jnp.float32)
+def _logits_float32(w_spec: str, h_BTD: jax.Array, w: jax.Array) -> jax.Array:
+  """h · W in float32; w_spec: "VD" (the tied embedding) or "DV" (lm_head)."""
+  return jnp.einsum(f"BTD,{w_spec}->BTV", h_BTD, w, preferred_element_type=jnp.float32)
 
 
-def _logits_float32_fwd(spec, h_BTD, w):
-  return _logits_float32(spec, h_BTD, w), (h_BTD, w)
+def _logits_float32_fwd(w_spec, h_BTD, w):
+  return _logits_float32(w_spec, h_BTD, w), (h_BTD, w)
 
 
-def _logits_float32_bwd(spec, residuals, g_BTV):
+def _logits_float32_bwd(w_spec, residuals, g_BTV):
   h_BTD, w = residuals
   g_BTV = g_BTV.astype(h_BTD.dtype)
-  w_spec = spec.split(",")[1].split("->")[0]  # "VD" (tied embedding) or "DV" (lm_head)
   dh_BTD = jnp.einsum(f"BTV,{w_spec}->BTD", g_BTV, w)
   dw = jnp.einsum(f"BTD,BTV->{w_spec}", h_BTD, g_BTV)
   return dh_BTD, dw

@@ -200,28 +200,26 @@ def pair_logprobs(cfg: ModelConfig, params, batch: Mapping[str, jax.Array], *,
   """
   C = max(batch["chosen_tokens"].shape[1], batch["rejected_tokens"].shape[1])
   N = batch["chosen_tokens"].shape[0]
-  if shared_prompt:
-    comp_N2C = jnp.stack([_pad_to(batch["chosen_tokens"], C),
-                          _pad_to(batch["rejected_tokens"], C)], axis=1).astype(jnp.int32)
-    mask_N2C = jnp.stack([_pad_to(batch["chosen_mask"], C),
-                          _pad_to(batch["rejected_mask"], C)], axis=1) != 0
+  pad = lambda key: _pad_to(batch[key], C)
+  if shared_prompt:  # pair n is rows 2n (chosen) and 2n + 1 (rejected)
+    comp_N2C = jnp.stack([pad("chosen_tokens"), pad("rejected_tokens")], 1).astype(jnp.int32)
+    mask_N2C = jnp.stack([pad("chosen_mask"), pad("rejected_mask")], axis=1) != 0
     h_BCD = shared_prompt_lib.completion_hidden_states(
         cfg, params, batch["prompt_tokens"].astype(jnp.int32), batch["prompt_mask"] != 0,
         comp_N2C, mask_N2C)
     logp_N2C = decoder.token_logprobs(cfg, params, h_BCD, comp_N2C.reshape(2 * N, C),
                                       chunk_size=chunk_size).reshape(N, 2, C)
-    return (logp_N2C[:, 0, :batch["chosen_tokens"].shape[1]],
-            logp_N2C[:, 1, :batch["rejected_tokens"].shape[1]])
-  prompt = jnp.concatenate([batch["prompt_tokens"]] * 2, axis=0)
-  prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2, axis=0)
-  comp = jnp.concatenate([_pad_to(batch["chosen_tokens"], C),
-                          _pad_to(batch["rejected_tokens"], C)], axis=0)
-  comp_mask = jnp.concatenate([_pad_to(batch["chosen_mask"], C),
-                               _pad_to(batch["rejected_mask"], C)], axis=0)
-  logp_2NC = completion_logprobs(cfg, params, prompt, prompt_mask, comp, comp_mask,
-                                 chunk_size=chunk_size)
-  return (logp_2NC[:N, :batch["chosen_tokens"].shape[1]],
-          logp_2NC[N:, :batch["rejected_tokens"].shape[1]])
+    chosen_NC, rejected_NC = logp_N2C[:, 0], logp_N2C[:, 1]
+  else:  # chosen rows first, then rejected
+    prompt = jnp.concatenate([batch["prompt_tokens"]] * 2, axis=0)
+    prompt_mask = jnp.concatenate([batch["prompt_mask"]] * 2, axis=0)
+    comp = jnp.concatenate([pad("chosen_tokens"), pad("rejected_tokens")], axis=0)
+    comp_mask = jnp.concatenate([pad("chosen_mask"), pad("rejected_mask")], axis=0)
+    logp_2NC = completion_logprobs(cfg, params, prompt, prompt_mask, comp, comp_mask,
+                                   chunk_size=chunk_size)
+    chosen_NC, rejected_NC = logp_2NC[:N], logp_2NC[N:]
+  return (chosen_NC[:, :batch["chosen_tokens"].shape[1]],
+          rejected_NC[:, :batch["rejected_tokens"].shape[1]])
 
 
 def _mismatched(batch):

@@ -83,7 +83,7 @@ def group_minibatch_indices(rng, B: int, group_size: int, epochs: int,
 
   Each epoch permutes the B / G groups (no shuffle when there is one optimizer
   step); a group's G rows stay consecutive and in order, as
-  `rl.update_shared_prompt` needs.
+  `rl.update_shared_prompt` needs. G = 1 shuffles single rows.
   """
   G = group_size
   shuffle = epochs * minibatches > 1
@@ -249,16 +249,14 @@ class RLStep:
     """log π(completion_t | prompt, completion_<t) and entropies, [B, L] each."""
     if self.rl.update_shared_prompt:
       h_BLD = self._shared_prompt_hidden_states(params, rows)
-      return decoder.token_logprobs(self.model, params, h_BLD, rows["completion"],
-                                    temperature=self.rl.temperature,
-                                    chunk_size=self.rl.logprob_chunk, with_entropy=True)
-    P = rows["prompt_tokens"].shape[1]
-    L = rows["completion"].shape[1]
-    tokens = jnp.concatenate([rows["prompt_tokens"], rows["completion"]], axis=1)
-    segments = jnp.concatenate([rows["prompt_mask"].astype(jnp.int32),
-                                (rows["completion_mask"] > 0).astype(jnp.int32)], axis=1)
-    h_BTD = decoder.hidden_states(self.model, params, tokens, segment_ids_BT=segments)
-    h_BLD = h_BTD[:, P - 1:P + L - 1]  # position t predicts token t + 1
+    else:
+      P = rows["prompt_tokens"].shape[1]
+      L = rows["completion"].shape[1]
+      tokens = jnp.concatenate([rows["prompt_tokens"], rows["completion"]], axis=1)
+      segments = jnp.concatenate([rows["prompt_mask"].astype(jnp.int32),
+                                  (rows["completion_mask"] > 0).astype(jnp.int32)], axis=1)
+      h_BTD = decoder.hidden_states(self.model, params, tokens, segment_ids_BT=segments)
+      h_BLD = h_BTD[:, P - 1:P + L - 1]  # position t predicts token t + 1
     return decoder.token_logprobs(self.model, params, h_BLD, rows["completion"],
                                   temperature=self.rl.temperature,
                                   chunk_size=self.rl.logprob_chunk, with_entropy=True)
@@ -430,11 +428,9 @@ class RLStep:
     micro-batches hold similar lengths (`length_buckets.sort_by_length`).
     """
     rl = self.rl
-    if rl.update_shared_prompt:  # whole groups move together (the update packs each one)
-      return group_minibatch_indices(rng, B, rl.group_size, rl.epochs, rl.minibatches)
-    perms = [jax.random.permutation(jax.random.fold_in(rng, e), B) if rl.updates_per_step > 1
-             else jnp.arange(B) for e in range(rl.epochs)]
-    idx_UK = jnp.stack(perms).reshape(rl.epochs * rl.minibatches, B // rl.minibatches)
+    # rl.update_shared_prompt packs each group: whole groups move together; else rows do.
+    unit = rl.group_size if rl.update_shared_prompt else 1
+    idx_UK = group_minibatch_indices(rng, B, unit, rl.epochs, rl.minibatches)
     if (completion_mask_BL is not None and len(self.length_widths) > 1
         and rl.microbatches > 1):
       idx_UK = length_buckets.sort_by_length(
