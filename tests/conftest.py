@@ -31,11 +31,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     if not _entry.with_name(_entry.name[:-len("-cache")] + "-atime").exists():
       _entry.unlink(missing_ok=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache_dir)
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  # A size limit makes jax guard the cache's reads and writes with a file lock; without
-  # one, a worker can read an entry another is still writing and abort in deserialising.
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 * 2**30)
+# Also for a cache directory given from outside: every compile is cached, and a size limit
+# makes jax guard the cache's reads and writes with a file lock (without one, a worker can
+# read an entry another is still writing and abort in deserialising).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 
 import jax  # noqa: E402
 
