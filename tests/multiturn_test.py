@@ -254,7 +254,10 @@ def test_one_jit_equals_split_mode_with_an_in_graph_env():
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   np.testing.assert_allclose(a["sampler_logp"], b["sampler_logp"], atol=1e-5)
   s2, m2 = split(state, batch, jax.random.key(5), None)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+  # One Adam step at lr 1e-2; the modes are different programs, and an element whose
+  # gradient is at rounding level moves differently by a small fraction of lr (seen:
+  # 1.2e-6): atol lr/1000.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
                s1.params, s2.params)
   np.testing.assert_allclose(m1["reward/mean"], m2["reward/mean"], rtol=1e-6)
 

@@ -116,8 +116,13 @@ def test_split_mode_equals_one_jit_mode():
   split = rls.make_split_step(step, host_reward=host_reward)
   s_split, m_split = split(state, batch, jax.random.key(5), None)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  jax.tree.map(close, s_one.params, s_split.params)
-  jax.tree.map(close, s_one.critic, s_split.critic)
+  # One Adam step at lr 1e-2 moves a weight by up to 1e-2. The two modes are different
+  # programs, so an element whose gradient is at rounding level can move differently by a
+  # small fraction of that (seen: 4e-6); atol lr/1000 allows that, far below what a
+  # wrong gradient moves.
+  step_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  jax.tree.map(step_close, s_one.params, s_split.params)
+  jax.tree.map(step_close, s_one.critic, s_split.critic)
   close(m_one["critic/value_loss"], m_split["critic/value_loss"])
 
 
