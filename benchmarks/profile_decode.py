@@ -12,12 +12,17 @@ kernels run once, or once per layer); per decode step:
                    streams are summed, so this can exceed the wall time)
   busy_fraction    kernel_ms / wall_ms: below 1, the device idles between
                    kernels (launch gaps, host work, synchronisation)
-  top kernels      name, calls and ms per step, and share of kernel_ms
+  top kernels      name, calls and ms per step, and share of kernel_ms, and the
+                   optimized HLO's instruction of that name: its opcode, result
+                   type and the jax operation it came from (op_name), e.g. whether
+                   a concatenate fusion joins weights (merged products) or small
+                   per-step values (fused elementwise work)
 
   python -m benchmarks.profile_decode [--batches 64,512] [--steps 64] [--smoke]
       [--decode_matmul xla|pallas]   (the layers' decode products, ModelConfig.decode_matmul)
       [--group_size G] [--shared_prefix_attention 0|1]   (batch/G prompts, G samples each;
                                        with 1 the prompt's K/V kept once per group)
+      [--dump_hlo 1]   (also write the long program's optimized HLO next to the record)
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
+import re
 import tempfile
 import time
 
@@ -32,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common, trace
+from benchmarks import common, profile_update, trace
 from jaxrl_llm.models import decoder
 from jaxrl_llm.sampling import sample
 
@@ -46,6 +53,49 @@ def device_kernel_times(trace_dir: str) -> dict:
   return dict(totals)
 
 
+_ASSIGNED = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*")
+
+
+def _result_type(rest: str) -> str:
+  """The type an HLO instruction line starts with after "name = ": an array or a tuple."""
+  if not rest.startswith("("):
+    return rest.split(" ", 1)[0]
+  depth = 0
+  for i, c in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(c, 0)
+    if depth == 0:
+      return rest[:i + 1]
+  return rest
+
+
+def hlo_result_types(hlo_text: str) -> dict:
+  """{normalised instruction name: result type without layouts}, e.g. "bf16[896,256]"."""
+  out = {}
+  for line in hlo_text.splitlines():
+    name, assigned = profile_update._NAME.match(line), _ASSIGNED.match(line)
+    if name and assigned:
+      result = _result_type(line[assigned.end():])
+      out[profile_update._key(name.group(1))] = re.sub(r"\{[^}]*\}|/\*[^*]*\*/|\s", "", result)
+  return out
+
+
+def describe_kernel(kernel: str, instructions: dict, result_types: dict) -> dict:
+  """The optimized HLO's instruction behind a kernel name: opcode, result type, op_name.
+
+  Kernel names are the instruction names with '.' and '-' as '_' (XLA's GPU
+  kernels), sometimes with a suffix; unknown names (library kernels) give {}.
+  """
+  key = profile_update._key(kernel)
+  while key and key not in instructions:
+    head, sep, _ = key.rpartition("_")
+    key = head if sep else ""
+  if not key:
+    return {}
+  opcode, target, op_name, _ = instructions[key]
+  return {"instruction": key, "opcode": opcode, "target": target, "op_name": op_name[-160:],
+          "result_type": result_types.get(key, "")}
+
+
 def profile_once(fn, trace_dir: str):
   jax.block_until_ready(fn())  # compiled and warm before the trace
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -57,7 +107,8 @@ def profile_once(fn, trace_dir: str):
 
 def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
                   decode_matmul: str = "xla", group_size: int = 1,
-                  shared_prefix_attention: bool = False, categorical: str = "gumbel") -> dict:
+                  shared_prefix_attention: bool = False, categorical: str = "gumbel",
+                  hlo_path: str = "") -> dict:
   cfg = dataclasses.replace(common.qwen25_config(size, param_dtype="bfloat16"),
                             decode_matmul=decode_matmul)
   params = decoder.init_params(cfg, jax.random.key(0))
@@ -74,10 +125,16 @@ def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
                                    shared_prefix_attention=shared_prefix_attention,
                                    categorical=categorical))
     with tempfile.TemporaryDirectory() as d:
-      return profile_once(lambda: fn(params, prompt, mask, key), d)
+      return profile_once(lambda: fn(params, prompt, mask, key), d), fn
 
-  wall_long, k_long = run(steps)
-  wall_short, k_short = run(1)
+  (wall_long, k_long), long_fn = run(steps)
+  hlo_text = long_fn.lower(params, prompt, mask, key).compile().as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(hlo_text)
+  instructions, result_types = (profile_update.hlo_instructions(hlo_text),
+                                hlo_result_types(hlo_text))
+  (wall_short, k_short), _ = run(1)
   # Kernel names differ between the two programs, so the decode loop's kernels are
   # found by count instead: those launched at least once per decode step.
   del k_short
@@ -92,7 +149,8 @@ def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
           "busy_fraction": kernel_ms / wall_ms if wall_ms > 0 else None,
           "kernels_per_step": sum(c for c, _ in per_step.values()),
           "top": [{"name": n[:160], "calls_per_step": c, "ms_per_step": ms,
-                   "share": ms / kernel_ms if kernel_ms else None}
+                   "share": ms / kernel_ms if kernel_ms else None,
+                   "hlo": describe_kernel(n, instructions, result_types)}
                   for n, (c, ms) in ranked[:top]]}
 
 
@@ -105,6 +163,7 @@ def main():
   p.add_argument("--group_size", type=int, default=1)
   p.add_argument("--shared_prefix_attention", type=int, default=0, choices=[0, 1])
   p.add_argument("--categorical", default="gumbel", choices=["gumbel", "inverse_cdf"])
+  p.add_argument("--dump_hlo", type=int, default=0, choices=[0, 1])
   args = p.parse_args()
   decode_matmul = (common.pallas_decode_matmul() if args.decode_matmul == "pallas"
                    else args.decode_matmul)
@@ -114,14 +173,19 @@ def main():
   for b in (int(x) for x in args.batches.split(",")):
     r = profile_batch(min(b, 4 * args.group_size) if args.smoke else b, steps, size,
                       prompt_len, args.top, decode_matmul, args.group_size,
-                      bool(args.shared_prefix_attention), args.categorical)
+                      bool(args.shared_prefix_attention), args.categorical,
+                      hlo_path=os.path.join(common.out_dir(args), (
+                          f"profile_decode_b{b}{'_' + args.tag if args.tag else ''}.hlo.txt"))
+                      if args.dump_hlo else "")
     results.append(r)
     print(f"batch {r['batch']}: wall {r['wall_ms']:.3f} ms/step, kernels "
           f"{r['kernel_ms']:.3f} ms/step (busy {r['busy_fraction']:.2f}), "
           f"{r['kernels_per_step']:.0f} kernels/step", flush=True)
-    common.print_table(f"top kernels, batch {r['batch']}", ["kernel", "calls", "ms", "share"],
-                       [[k["name"][:70], k["calls_per_step"], k["ms_per_step"], k["share"]]
-                        for k in r["top"]])
+    common.print_table(f"top kernels, batch {r['batch']}",
+                       ["kernel", "calls", "ms", "share", "HLO result", "op_name"],
+                       [[k["name"][:60], k["calls_per_step"], k["ms_per_step"], k["share"],
+                         k["hlo"].get("result_type", "")[:40],
+                         k["hlo"].get("op_name", "")[-60:]] for k in r["top"]])
     jax.clear_caches()
   common.write_record(args, "profile_decode", {"size": size, "prompt_len": prompt_len,
                                                "steps": steps, "decode_matmul": decode_matmul,

@@ -26,7 +26,9 @@
 #   cascade attention, and the kernel profile of both steps.
 # PLAN=sampling: floors, W3 at batch 64/512 with each token drawn through a Gumbel
 #   draw per logit (jax.random.categorical) and through the inverse CDF (one
-#   uniform per row), and the kernel profile of the b512 step with the latter.
+#   uniform per row), the kernel profile of the b512 step with the latter, and
+#   the b64 step's kernel profile with its optimized HLO (what each small
+#   per-layer kernel, e.g. input_concatenate_fusion, computes).
 # PLAN=update: floors, W1 as in its record, with its training layers unrolled
 #   (--scan_layers 0) and with the cuDNN attention forward kept for the backward
 #   (--remat dots_no_batch_attention), with the head's GEMM writing float32 logits
@@ -142,7 +144,8 @@ NGPU=$(( NGPU > 0 ? NGPU : 1 )); HALF=$(( NGPU > 1 ? NGPU / 2 : 1 ))
       done ;;
     sampling)
       run 200 benchmarks.w3_decode --variants b64,b64_cdf,b512,b512_cdf --repeats 3
-      run 100 benchmarks.profile_decode --batches 512 --categorical inverse_cdf --tag cdf ;;
+      run 100 benchmarks.profile_decode --batches 512 --categorical inverse_cdf --tag cdf
+      run 100 benchmarks.profile_decode --batches 64 --dump_hlo 1 --tag hlo ;;
     multi_w2)
       for m in 1,1,1 1,$NGPU,1 $NGPU,1,1 1,$HALF,2; do
         run 120 benchmarks.w2_train_step --variant dots_mb2 --mesh "$m" --tag "dots_mb2_${m//,/x}"
