@@ -15,10 +15,31 @@ if "xla_force_host_platform_device_count" not in _flags:
 # emitters (45 % less CPU time on two of the slowest tests, cold; a test bound by its
 # programs' run time took 10 % longer). Subprocesses started by the tests inherit these
 # flags unless they set their own.
-for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
-              "--xla_cpu_use_fusion_emitters=false"):
-  if _flag.split("=")[0] not in _flags:
-    _flags += " " + _flag
+# XLA aborts the process on a flag it does not know, and jax is not pinned, so the first
+# process of a run starts jax once with these flags and keeps only those this XLA takes
+# (the processes it starts inherit the result).
+_SPEED_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+                "--xla_cpu_use_fusion_emitters=false")
+
+
+def _xla_takes(flags: str) -> bool:
+  import subprocess
+  import sys
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                         env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
+                         capture_output=True, timeout=300)
+  return probe.returncode == 0
+
+
+if not os.environ.get("JAXRL_TESTS_XLA_FLAGS_CHECKED"):
+  _new = [f for f in _SPEED_FLAGS if f.split("=")[0] not in _flags]
+  if _new and not _xla_takes(" ".join([_flags, *_new])):
+    _kept = [f for f in _new if _xla_takes(f"{_flags} {f}")]
+    print(f"tests/conftest.py: this XLA does not take {sorted(set(_new) - set(_kept))}; "
+          "running without them")
+    _new = _kept
+  _flags = " ".join([_flags, *_new])
+  os.environ["JAXRL_TESTS_XLA_FLAGS_CHECKED"] = "1"
 os.environ["XLA_FLAGS"] = _flags.strip()
 # Programs compiled by one test (or test process) are reused by the others: a persistent
 # compilation cache shared by the xdist workers and subprocesses of this run and kept for
