@@ -66,7 +66,7 @@ def time_product(fn, x, w, args) -> float:
     return float(np.median(times)) / len(w)
   with tempfile.TemporaryDirectory() as d:  # profile_once warms up (compiles) first
     _, totals = profile_once(lambda: [f(x, w) for _ in range(args.calls)], d)
-  return sum(us for _, us in totals.values()) * 1e-6 / args.calls / len(w)
+  return sum(us for _, us, _ in totals.values()) * 1e-6 / args.calls / len(w)
 
 
 def main():

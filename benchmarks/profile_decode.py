@@ -13,7 +13,7 @@ kernels run once, or once per layer); per decode step:
   busy_fraction    kernel_ms / wall_ms: below 1, the device idles between
                    kernels (launch gaps, host work, synchronisation)
   top kernels      name, calls and ms per step, and share of kernel_ms, and the
-                   optimized HLO's instruction of that name: its opcode, result
+                   optimized HLO's instruction it ran (the trace's hlo_op): its opcode, result
                    type and the jax operation it came from (op_name), e.g. whether
                    a concatenate fusion joins weights (merged products) or small
                    per-step values (fused elementwise work)
@@ -31,7 +31,6 @@ import collections
 import dataclasses
 import functools
 import os
-import re
 import tempfile
 import time
 
@@ -45,51 +44,21 @@ from jaxrl_llm.sampling import sample
 
 
 def device_kernel_times(trace_dir: str) -> dict:
-  """{kernel name: [calls, total µs]} over the device streams of a Perfetto trace."""
-  totals = collections.defaultdict(lambda: [0, 0.0])
-  for name, _, us in trace.device_kernels(trace_dir):
+  """{kernel name: [calls, total µs, HLO instruction or '']} over the device streams of a
+  Perfetto trace."""
+  totals = collections.defaultdict(lambda: [0, 0.0, ""])
+  for name, hlo_op, us in trace.device_kernels(trace_dir):
     totals[name][0] += 1
     totals[name][1] += us
+    totals[name][2] = totals[name][2] or hlo_op
   return dict(totals)
 
 
-_ASSIGNED = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*")
-
-
-def _result_type(rest: str) -> str:
-  """The type an HLO instruction line starts with after "name = ": an array or a tuple."""
-  if not rest.startswith("("):
-    return rest.split(" ", 1)[0]
-  depth = 0
-  for i, c in enumerate(rest):
-    depth += {"(": 1, ")": -1}.get(c, 0)
-    if depth == 0:
-      return rest[:i + 1]
-  return rest
-
-
-def hlo_result_types(hlo_text: str) -> dict:
-  """{normalised instruction name: result type without layouts}, e.g. "bf16[896,256]"."""
-  out = {}
-  for line in hlo_text.splitlines():
-    name, assigned = profile_update._NAME.match(line), _ASSIGNED.match(line)
-    if name and assigned:
-      result = _result_type(line[assigned.end():])
-      out[profile_update._key(name.group(1))] = re.sub(r"\{[^}]*\}|/\*[^*]*\*/|\s", "", result)
-  return out
-
-
-def describe_kernel(kernel: str, instructions: dict, result_types: dict) -> dict:
-  """The optimized HLO's instruction behind a kernel name: opcode, result type, op_name.
-
-  Kernel names are the instruction names with '.' and '-' as '_' (XLA's GPU
-  kernels), sometimes with a suffix; unknown names (library kernels) give {}.
-  """
-  key = profile_update._key(kernel)
-  while key and key not in instructions:
-    head, sep, _ = key.rpartition("_")
-    key = head if sep else ""
-  if not key:
+def describe_kernel(kernel: str, hlo_op: str, instructions: dict, result_types: dict) -> dict:
+  """The optimized HLO's instruction behind a traced kernel: opcode, result type, op_name
+  ({} for a library kernel the trace did not name)."""
+  key = profile_update.instruction_of(kernel, hlo_op, instructions)
+  if key is None:
     return {}
   opcode, target, op_name, _ = instructions[key]
   return {"instruction": key, "opcode": opcode, "target": target, "op_name": op_name[-160:],
@@ -133,25 +102,25 @@ def profile_batch(batch: int, steps: int, size: str, prompt_len: int, top: int,
     with open(hlo_path, "w") as f:
       f.write(hlo_text)
   instructions, result_types = (profile_update.hlo_instructions(hlo_text),
-                                hlo_result_types(hlo_text))
+                                profile_update.hlo_result_types(hlo_text))
   (wall_short, k_short), _ = run(1)
   # Kernel names differ between the two programs, so the decode loop's kernels are
   # found by count instead: those launched at least once per decode step.
   del k_short
-  per_step = {name: (calls / (steps - 1), us / (steps - 1) / 1e3)
-              for name, (calls, us) in k_long.items() if calls >= steps - 1}
-  kernel_ms = sum(ms for _, ms in per_step.values())
+  per_step = {name: (calls / (steps - 1), us / (steps - 1) / 1e3, hlo_op)
+              for name, (calls, us, hlo_op) in k_long.items() if calls >= steps - 1}
+  kernel_ms = sum(ms for _, ms, _ in per_step.values())
   wall_ms = (wall_long - wall_short) / (steps - 1) * 1e3
   ranked = sorted(per_step.items(), key=lambda kv: -kv[1][1])
   return {"batch": batch, "steps": steps, "decode_matmul": decode_matmul,
           "group_size": group_size, "shared_prefix_attention": shared_prefix_attention,
           "categorical": categorical, "wall_ms": wall_ms, "kernel_ms": kernel_ms,
           "busy_fraction": kernel_ms / wall_ms if wall_ms > 0 else None,
-          "kernels_per_step": sum(c for c, _ in per_step.values()),
+          "kernels_per_step": sum(c for c, _, _ in per_step.values()),
           "top": [{"name": n[:160], "calls_per_step": c, "ms_per_step": ms,
                    "share": ms / kernel_ms if kernel_ms else None,
-                   "hlo": describe_kernel(n, instructions, result_types)}
-                  for n, (c, ms) in ranked[:top]]}
+                   "hlo": describe_kernel(n, op, instructions, result_types)}
+                  for n, (c, ms, op) in ranked[:top]]}
 
 
 def main():

@@ -76,6 +76,38 @@ def hlo_instructions(hlo_text: str) -> dict:
   return out
 
 
+def _result_type(rest: str) -> str:
+  """The type an HLO instruction line starts with after "name = ": an array or a tuple."""
+  if not rest.startswith("("):
+    return rest.split(" ", 1)[0]
+  depth = 0
+  for i, c in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(c, 0)
+    if depth == 0:
+      return rest[:i + 1]
+  return rest
+
+
+def hlo_result_types(hlo_text: str) -> dict:
+  """{normalised instruction name: result type without layouts}, e.g. "bf16[896,256]"."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _NAME.match(line)
+    if m:
+      result = _result_type(line[m.end():].lstrip())
+      out[_key(m.group(1))] = re.sub(r"\{[^}]*\}|/\*[^*]*\*/|\s", "", result)
+  return out
+
+
+def instruction_of(kernel: str, hlo_op: str, instructions: dict) -> str | None:
+  """The normalised name of the instruction a traced kernel ran: the trace's hlo_op, else
+  the kernel's own name; None for a library kernel the trace did not name."""
+  for name in (hlo_op, kernel):
+    if name and _key(name) in instructions:
+      return _key(name)
+  return None
+
+
 def part_of(kernel: str, info) -> str:
   """The part (see module docstring) of one kernel given its instruction's info."""
   lower = kernel.lower()
@@ -100,9 +132,8 @@ def attribute(kernels, instructions: dict, top: int = 30) -> dict:
   per_part = collections.defaultdict(float)
   per_kernel = collections.defaultdict(lambda: [0, 0.0, "", "", ""])
   for name, hlo_op, us in kernels:
-    info = instructions.get(_key(hlo_op)) if hlo_op else None
-    if info is None:
-      info = instructions.get(_key(name))
+    key = instruction_of(name, hlo_op, instructions)
+    info = instructions[key] if key else None
     part = part_of(name, info)
     per_part[part] += us / 1e6
     k = per_kernel[name]

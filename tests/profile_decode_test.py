@@ -19,17 +19,18 @@ calls=%fc, metadata={op_name="jit(sample)/while/body/add"}
 
 
 def test_kernels_are_described_by_their_instruction():
-  ins, types = profile_update.hlo_instructions(HLO), pd.hlo_result_types(HLO)
+  ins, types = profile_update.hlo_instructions(HLO), profile_update.hlo_result_types(HLO)
   assert types["input_concatenate_fusion_3"] == "bf16[896,256]"
   assert types["tuple_result_2"] == "(f32[4],(s32[],u8[2]))"
-  got = pd.describe_kernel("input_concatenate_fusion_3", ins, types)
+  got = pd.describe_kernel("input_concatenate_fusion_3", "", ins, types)
   assert got == {"instruction": "input_concatenate_fusion_3", "opcode": "fusion", "target": "",
                  "op_name": "jit(sample)/while/body/dot_general",
                  "result_type": "bf16[896,256]"}
-  # A kernel named for its instruction plus a suffix; a library kernel with no instruction.
-  assert pd.describe_kernel("input_concatenate_fusion_3_1", ins, types)["result_type"] \
-      == "bf16[896,256]"
-  assert pd.describe_kernel("sm90_xmma_gemm_bf16bf16_bf16f32", ins, types) == {}
+  # A kernel named otherwise that the trace ties to the instruction (its hlo_op); a library
+  # kernel with no instruction.
+  assert pd.describe_kernel("input_concatenate_fusion_3_1", "input_concatenate_fusion.3", ins,
+                            types)["result_type"] == "bf16[896,256]"
+  assert pd.describe_kernel("sm90_xmma_gemm_bf16bf16_bf16f32", "", ins, types) == {}
 
 
 def test_main_writes_the_record_and_the_hlo(tmp_path, monkeypatch):
